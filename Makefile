@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up on a fresh machine: .venv in the repo root,
+# installed once and again only when pyproject.toml or this Makefile change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel this machine has on disk; on a GPU box: make TORCH=torch ...
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.stages
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+"""Distributed knowledge distillation on Ray: a teacher cache from Ray Data, students from Ray Train."""
+
+__version__ = "0.1.0"

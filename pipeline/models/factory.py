@@ -1,0 +1,101 @@
+"""Build any torch.nn.Module from `module:function` + kwargs, and move its weights through fsspec."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline.cache import storage
+from pipeline.config import ModelSpec
+from pipeline.errors import DistillError
+
+# Factories built in this process, in order. Train workers report it, so a test can check
+# inside the worker that no teacher was ever constructed there.
+BUILT_IN_THIS_PROCESS: list[str] = []
+
+
+def resolve_factory(factory: str) -> Callable[..., nn.Module]:
+    module_name, _, func_name = factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DistillError(
+            f"unknown model factory {factory!r}: cannot import module {module_name!r} ({e})",
+            "use `package.module:function` importable on every node, e.g. pipeline.models.builtin:mlp",
+        ) from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise DistillError(
+            f"unknown model factory {factory!r}: {module_name} has no function {func_name!r}",
+            "check the function name after the colon",
+        )
+    return fn
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    load_weights: bool = True,
+) -> nn.Module:
+    """Call the factory, passing `input_shape`/`num_classes` where it accepts them, then load weights."""
+    fn = resolve_factory(spec.factory)
+    kwargs = dict(spec.kwargs)
+    params = inspect.signature(fn).parameters
+    if input_shape is not None and "input_shape" in params and "input_shape" not in kwargs:
+        kwargs["input_shape"] = tuple(input_shape)
+    if num_classes is not None and "num_classes" in params and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        raise DistillError(f"model factory {spec.factory} rejected its kwargs: {e}", "fix the `kwargs` in the config") from None
+    if not isinstance(model, nn.Module):
+        raise DistillError(f"model factory {spec.factory} returned {type(model).__name__}", "it must return a torch.nn.Module")
+    BUILT_IN_THIS_PROCESS.append(spec.factory)
+    if load_weights and spec.weights:
+        load_state(model, spec.weights)
+    return model
+
+
+def output_width(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Classes the model predicts, found by one forward pass on zeros."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(out.shape[-1])
+
+
+def save_state(model: nn.Module, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def load_state(model: nn.Module, uri: str) -> None:
+    if not storage.exists(uri):
+        raise DistillError(f"weights {uri!r} do not exist", "train them first (distill fit-teacher CONFIG) or fix `weights`")
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise DistillError(f"weights {uri!r} do not fit the model: {first}", "check the factory kwargs against the weights") from None
+
+
+def weights_digest(uri: str | None) -> str | None:
+    """Content digest of the weights file: part of the teacher's identity in the cache key."""
+    if not uri:
+        return None
+    if not storage.exists(uri):
+        raise DistillError(f"teacher weights {uri!r} do not exist", "train them first: distill fit-teacher CONFIG")
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]

@@ -1,0 +1,251 @@
+"""Stage 2: Ray Train over the teacher cache. No teacher is ever built or imported here.
+
+The driver checks the cache against the student config, then `TorchTrainer` runs
+`train_loop_per_worker` on N workers, each streaming its split of the train shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.cache import storage
+from pipeline.cache.manifest import Manifest, read_manifest
+from pipeline.cache.schema import LABEL, LOGITS, X
+from pipeline.cache.verify import check_files
+from pipeline.config import TrainConfig, load_precompute_config
+from pipeline.errors import DistillError
+from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
+from pipeline.runtime import ensure_ray
+from pipeline.student.losses import TERM_INPUTS, DistillationLoss
+from pipeline.student.loop import evaluate, make_optimizer, train_epoch
+
+CHECKPOINT_FILE = "state.pt"
+RESULT_FILE = "result.json"
+BATCH_DTYPES = {X: torch.float32, LOGITS: torch.float32, LABEL: torch.int64}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    result: dict[str, Any]
+
+
+def resolve_cache_uri(cfg: TrainConfig) -> str:
+    if cfg.cache:
+        return cfg.cache
+    from pipeline.cache.identity import resolve_target
+
+    return resolve_target(load_precompute_config(cfg.precompute)).uri  # type: ignore[arg-type]
+
+
+def check_against_cache(cfg: TrainConfig, manifest: Manifest, cache_uri: str) -> None:
+    """Every mismatch a worker would hit, raised in the driver before any worker starts."""
+    problems = check_files(cache_uri, manifest)
+    if problems:
+        raise DistillError(f"cache {cache_uri} is damaged: {'; '.join(problems[:3])}",
+                           "run `distill cache verify` for details, then recompute with --force")
+    for term, weight in cfg.loss.terms.items():
+        missing = [c for c in TERM_INPUTS[term] if weight > 0 and c not in manifest.columns]
+        if missing:
+            raise DistillError(f"loss term `{term}` needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
+                               "drop the term or precompute a cache with that output")
+    for split in ("train", "val"):
+        if manifest.rows_by_split.get(split, 0) == 0:
+            raise DistillError(f"cache {manifest.cache_id} has no {split} rows", "check the source's split settings")
+    student = build_model(cfg.student, input_shape=tuple(manifest.input_shape), num_classes=manifest.num_classes)
+    try:
+        width = output_width(student, tuple(manifest.input_shape))
+    except RuntimeError as e:
+        raise DistillError(f"student {cfg.student.factory} cannot take the cache's inputs of shape {manifest.input_shape}: "
+                           f"{str(e).splitlines()[0]}", "fix the student's kwargs") from None
+    if width != manifest.num_classes:
+        raise DistillError(f"student {cfg.student.factory} predicts {width} classes, the cache has {manifest.num_classes}",
+                           f"build the student with num_classes={manifest.num_classes} (or train on a matching cache)")
+
+
+def teacher_evidence(teacher_factory: str | None) -> list[str]:
+    """Signs that a teacher was loaded into this process: its factory was built, or stage 1 was imported."""
+    found = [f"built {f}" for f in BUILT_IN_THIS_PROCESS if teacher_factory and f == teacher_factory]
+    found += [f"imported {m}" for m in sorted(sys.modules) if m == "pipeline.teacher" or m.startswith("pipeline.teacher.")]
+    return found
+
+
+def _save_checkpoint(directory: str, model: torch.nn.Module, optimizer, epoch: int, history: list[dict]) -> None:
+    raw = model.module if hasattr(model, "module") else model
+    torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+               os.path.join(directory, CHECKPOINT_FILE))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.student, input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"])
+    optimizer_model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(optimizer_model.parameters(), cfg.optimizer.name, cfg.optimizer.lr,
+                               cfg.optimizer.weight_decay, cfg.optimizer.momentum)
+    loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+        (optimizer_model.module if hasattr(optimizer_model, "module") else optimizer_model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    # Checked inside the worker: how many workers show any sign of a teacher.
+    evidence = teacher_evidence(config.get("teacher_factory"))
+    flag = torch.tensor([1.0 if evidence else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)
+    workers_with_teacher = int(flag.item())
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker_batch = max(1, cfg.batch_size // world)
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, dtypes=BATCH_DTYPES, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
+        )
+        stats = train_epoch(optimizer_model, batches, loss_fn, optimizer)
+        train_s = time.time() - started
+        evaluated = evaluate(optimizer_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=BATCH_DTYPES),
+                             cfg.loss.temperature)
+        metrics = {
+            "epoch": epoch + 1,
+            **stats,
+            "train_seconds": train_s,
+            "eval_seconds": time.time() - started - train_s,
+            "samples_per_s": stats["train_samples"] * world / max(train_s, 1e-9),
+            **evaluated,
+            "workers_with_teacher": workers_with_teacher,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                _save_checkpoint(d, optimizer_model, optimizer, epoch + 1, history)
+                if evidence:
+                    metrics["teacher_evidence"] = "; ".join(evidence)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.get('train_loss', float('nan')):.4f}  "
+                  f"val_accuracy {evaluated['val_accuracy']:.4f}  agreement {evaluated['val_agreement']:.4f}  "
+                  f"({train_s:.1f}s train, {metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)", flush=True)
+
+
+def _cache_dataset(cache_uri: str, manifest: Manifest, split: str):
+    import ray
+
+    fs, root = storage.arrow_filesystem(cache_uri)
+    paths = [f"{root}/{s.path}" for s in manifest.shards_of(split)]
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns([X, LABEL, LOGITS])
+
+
+def _storage_path(path: str) -> str:
+    return storage.local_path(path) if storage.is_local(path) else path
+
+
+def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool = False, log=print) -> TrainResult:
+    """Train one student from the cache; writes checkpoints and `result.json` under storage_path/name."""
+    cache_uri = resolve_cache_uri(cfg)
+    manifest = read_manifest(cache_uri)
+    check_against_cache(cfg, manifest, cache_uri)
+    run_dir = storage.join(_storage_path(cfg.storage_path), cfg.name or "run")
+    if storage.exists(run_dir):
+        if not overwrite:
+            raise DistillError(f"run directory {run_dir} already exists",
+                               "pick another name (--set name=...) or pass --overwrite to replace it")
+        storage.remove_tree(run_dir)
+    ensure_ray(address)
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(),
+            "input_shape": manifest.input_shape,
+            "num_classes": manifest.num_classes,
+            "teacher_factory": manifest.teacher.get("factory"),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})},
+        ),
+        datasets={"train": _cache_dataset(cache_uri, manifest, "train"), "val": _cache_dataset(cache_uri, manifest, "val")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=_storage_path(cfg.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    log(f"training {cfg.name}: {cfg.student.factory} on cache {manifest.cache_id} "
+        f"({manifest.rows_by_split['train']} train rows), {cfg.num_workers} workers, {cfg.epochs} epochs")
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; show the cause, not the wrapper
+        raise DistillError(f"training {cfg.name} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
+                           "see the worker traceback above") from None
+    wall = time.time() - started
+    history = _history_of(result)
+    final = history[-1] if history else dict(result.metrics or {})
+    out = {
+        "name": cfg.name,
+        "cache": cache_uri,
+        "cache_id": manifest.cache_id,
+        "student": cfg.student.factory,
+        "alpha": cfg.alpha,
+        "temperature": cfg.loss.temperature,
+        "loss_terms": cfg.loss.terms,
+        "seed": cfg.seed,
+        "epochs": int(final.get("epoch", 0)),
+        "num_workers": cfg.num_workers,
+        "metrics": {
+            "val_accuracy": final.get("val_accuracy"),
+            "val_agreement": final.get("val_agreement"),
+            "val_kl": final.get("val_kl"),
+            "teacher_val_accuracy": final.get("teacher_val_accuracy"),
+        },
+        "workers_with_teacher": final.get("workers_with_teacher"),
+        "wall_s": round(wall, 2),
+        "history": history,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "config": cfg.model_dump(),
+    }
+    storage.write_bytes_atomic(storage.join(run_dir, RESULT_FILE), (json.dumps(out, indent=2) + "\n").encode())
+    m = out["metrics"]
+    log(f"{cfg.name}: val_accuracy {m['val_accuracy']:.4f}  agreement {m['val_agreement']:.4f}  "
+        f"kl {m['val_kl']:.4f}  ({wall:.0f}s) -> {storage.join(run_dir, RESULT_FILE)}")
+    return TrainResult(run_dir=run_dir, result=out)
+
+
+def _history_of(result) -> list[dict[str, Any]]:
+    if not result.checkpoint:
+        return []
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]

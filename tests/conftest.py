@@ -1,0 +1,69 @@
+"""Shared fixtures: configs pointed at a temporary directory, and a hand-built cache for tests without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cache.manifest import Manifest, ShardEntry, write_manifest
+from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline.cache.verify import inspect_shard
+
+DIGITS_PRECOMPUTE = "jobs/configs/digits/precompute.yaml"
+DIGITS_KD = "jobs/configs/digits/train-kd.yaml"
+
+
+def write_yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture
+def digits_precompute_yaml(tmp_path):
+    """The shipped digits precompute config with its outputs redirected under tmp_path."""
+    data = yaml.safe_load(open(DIGITS_PRECOMPUTE))
+    data["cache_root"] = str(tmp_path / "cache")
+    data["teacher"]["weights"] = str(tmp_path / "teacher.pt")
+    return write_yaml(tmp_path / "precompute.yaml", data)
+
+
+def _tensor_column(arr: np.ndarray):
+    from pyarrow import FixedShapeTensorArray
+
+    return FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
+
+
+def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 10, shape=(1, 8, 8), seed: int = 0) -> str:
+    """A small, valid cache written with pyarrow alone (no Ray), for tests of readers and checks."""
+    rows = rows or {"train": 40, "val": 10}
+    rng = np.random.default_rng(seed)
+    cache_uri = str(root / "cachetest0000000")
+    (root / "cachetest0000000" / "shards").mkdir(parents=True)
+    shards, columns, start = [], None, 0
+    for split, n in rows.items():
+        table = pa.table({
+            SAMPLE_ID: pa.array([f"s-{i}" for i in range(start, start + n)]),
+            X: _tensor_column(rng.normal(size=(n, *shape)).astype(np.float32)),
+            LABEL: pa.array(rng.integers(0, num_classes, n), pa.int64()),
+            LOGITS: _tensor_column(rng.normal(size=(n, num_classes)).astype(np.float16)),
+        })
+        start += n
+        rel = f"shards/{split}-0000-000000-0.parquet"
+        pq.write_table(table, f"{cache_uri}/{rel}")
+        facts = inspect_shard(f"{cache_uri}/{rel}")
+        columns = facts.columns
+        shards.append(ShardEntry(path=rel, split=split, rows=n, bytes=facts.bytes, sha256=facts.sha256))
+    write_manifest(cache_uri, Manifest(
+        cache_id="cachetest0000000", teacher={"factory": "pipeline.models.builtin:digits_cnn"}, dataset={"kind": "test"},
+        outputs={"logits": {"mode": "full", "dtype": "float16"}}, num_classes=num_classes, input_shape=list(shape),
+        rows=sum(rows.values()), rows_by_split=rows, columns=columns or {}, shards=shards,
+    ))
+    return cache_uri
+
+
+@pytest.fixture
+def tiny_cache(tmp_path) -> str:
+    return make_cache(tmp_path)

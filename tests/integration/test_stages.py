@@ -1,0 +1,96 @@
+"""Both stages on a local Ray, through the CLI: the cache contract and a real 2-worker training run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cache.identity import resolve_target
+from pipeline.cache.manifest import read_manifest
+from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline.cache.verify import verify_cache
+from pipeline.cli import main
+from pipeline.data.sources import load_split
+from tests.conftest import DIGITS_KD, write_yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def _read_cache(uri):
+    m = read_manifest(uri)
+    tables = {s: pq.read_table([f"{uri}/{e.path}" for e in m.shards_of(s)]) for s in ("train", "val")}
+    return m, tables
+
+
+def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
+    cfg = digits_stage1["config"]
+    uri = resolve_target(cfg).uri
+    m, tables = _read_cache(uri)
+    assert m.rows == 1797 and m.rows_by_split == {"train": 1438, "val": 359}
+    ids = [i for t in tables.values() for i in t.column(SAMPLE_ID).to_pylist()]
+    assert len(ids) == len(set(ids)) == 1797
+    assert verify_cache(uri) == []
+    assert m.columns[LOGITS] and m.outputs["logits"]["dtype"] == "float16"
+    # Stored logits equal the teacher's own forward pass, recomputed here, within float16 tolerance.
+    from pipeline.teacher.plan import teacher_logits_for
+
+    val = load_split(cfg.source, "val")
+    stored = tables["val"].to_pandas() if False else None
+    order = {sid: i for i, sid in enumerate(tables["val"].column(SAMPLE_ID).to_pylist())}
+    stored_logits = np.stack(tables["val"].column(LOGITS).to_numpy(zero_copy_only=False)) if False else None
+    from ray.data.extensions import ArrowTensorArray  # the column is Ray's tensor extension type
+
+    col = tables["val"].column(LOGITS).combine_chunks()
+    stored_logits = col.to_numpy() if isinstance(col, ArrowTensorArray) else np.asarray(col.to_numpy_ndarray())
+    assert stored_logits.dtype == np.float16 and stored_logits.shape == (359, 10)
+    expected = teacher_logits_for(cfg, val[X])
+    rows = [order[sid] for sid in val["sample_id"]]
+    np.testing.assert_allclose(stored_logits[rows].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    labels = tables["val"].column(LABEL).to_numpy()[rows]
+    np.testing.assert_array_equal(labels, val[LABEL])
+    del stored
+
+
+def test_second_precompute_is_a_cache_hit_and_force_recomputes(digits_stage1, capsys):
+    uri = resolve_target(digits_stage1["config"]).uri
+    before = sorted(os.listdir(f"{uri}/shards"))
+    created = read_manifest(uri).created
+    assert main(["precompute", digits_stage1["config_path"]]) == 0
+    assert f"cache hit: {uri}" in capsys.readouterr().out
+    assert sorted(os.listdir(f"{uri}/shards")) == before
+
+    from pipeline.teacher.plan import run_precompute
+
+    again = run_precompute(digits_stage1["config"], force=True)
+    assert not again.hit and again.rows_computed == 1797
+    assert sorted(os.listdir(f"{uri}/shards")) != before  # new files, old ones gone
+    assert read_manifest(uri).rows == 1797 and verify_cache(uri) == []
+    assert read_manifest(uri).created >= created
+
+
+def test_train_two_workers_from_cache(digits_stage1, tmp_path):
+    data = yaml.safe_load(open(DIGITS_KD))
+    data.update(precompute=digits_stage1["config_path"], storage_path=str(tmp_path / "runs"), name="kd-test",
+                epochs=15, num_workers=2)
+    data["optimizer"]["lr"] = 0.003
+    path = write_yaml(tmp_path / "train.yaml", data)
+    assert main(["train", path]) == 0
+    run_dir = tmp_path / "runs" / "kd-test"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["metrics"]["val_accuracy"] >= 0.9, result["metrics"]
+    assert result["num_workers"] == 2 and result["epochs"] == 15 and len(result["history"]) == 15
+    assert 0 <= result["metrics"]["val_agreement"] <= 1 and result["metrics"]["val_kl"] >= 0
+    # Checked inside every worker: no teacher factory built, no pipeline.teacher module imported.
+    assert result["workers_with_teacher"] == 0
+    assert all(h["workers_with_teacher"] == 0 for h in result["history"])
+    # A checkpoint per epoch (the newest two are kept), the last one holding all 15 epochs.
+    assert len(list(run_dir.glob("checkpoint_*"))) == 2
+    assert result["checkpoint"] and os.path.exists(os.path.join(result["checkpoint"], "state.pt"))
+    # Every epoch's samples add up to the train split, split across the two workers.
+    assert all(h["train_samples"] * 2 <= 1438 for h in result["history"])
+    assert result["history"][-1]["train_samples"] * 2 >= 1438 - 2

@@ -1,0 +1,72 @@
+import glob
+
+import pytest
+
+from pipeline.config import PrecomputeConfig, TrainConfig, load_config, load_train_config
+from pipeline.errors import DistillError
+
+SHIPPED = sorted(glob.glob("jobs/configs/**/*.yaml", recursive=True))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, (PrecomputeConfig, TrainConfig))
+
+
+def test_shipped_configs_exist():
+    for name in ("digits/precompute.yaml", "digits/train-kd.yaml", "digits/train-hard.yaml"):
+        assert f"jobs/configs/{name}" in SHIPPED
+
+
+def test_script_facing_names_are_stable():
+    pre = load_config("jobs/configs/digits/precompute.yaml")
+    assert pre.cache_root
+    train = load_train_config("jobs/configs/digits/train-kd.yaml")
+    assert {"cache", "storage_path", "epochs", "seed"} <= set(TrainConfig.model_fields)
+    assert train.epochs > 0 and train.storage_path
+
+
+def test_set_overrides_nested_fields_with_types():
+    cfg = load_train_config("jobs/configs/digits/train-kd.yaml",
+                            ["epochs=3", "loss.temperature=2.5", "loss.terms.kd=0", "student.kwargs.hidden=[8, 8]"])
+    assert cfg.epochs == 3 and cfg.loss.temperature == 2.5
+    assert cfg.loss.terms == {"kd": 0, "ce": 0.3} and cfg.alpha == 0.0
+    assert cfg.student.kwargs["hidden"] == [8, 8]
+    assert cfg.name == "train-kd-seed0"
+
+
+def test_default_run_name_follows_seed_override():
+    assert load_train_config("jobs/configs/digits/train-kd.yaml", ["seed=2"]).name == "train-kd-seed2"
+
+
+@pytest.mark.parametrize("override,field", [
+    ("loss.temperature=0", "loss.temperature"),
+    ("epochs=zero", "epochs"),
+    ("loss.terms.bogus=1", "loss.terms"),
+    ("student.factory=nocolon", "student.factory"),
+    ("typo_field=1", "typo_field"),
+    ("optimizer.name=lbfgs", "optimizer.name"),
+])
+def test_bad_field_is_named(override, field):
+    with pytest.raises(DistillError) as e:
+        load_train_config("jobs/configs/digits/train-kd.yaml", [override])
+    assert f"field `{field}`" in e.value.problem
+    assert "--set" in e.value.fix
+
+
+def test_cache_and_precompute_are_exclusive():
+    with pytest.raises(DistillError, match="exactly one of `cache`"):
+        load_train_config("jobs/configs/digits/train-kd.yaml", ["cache=runs/cache/x"])
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("source:\n  kind: digits\n teacher: [\n")
+    with pytest.raises(DistillError, match=r"invalid YAML in .*bad.yaml at line"):
+        load_config(p)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(DistillError, match="bad override"):
+        load_train_config("jobs/configs/digits/train-kd.yaml", ["epochs"])

@@ -1,0 +1,82 @@
+import sys
+
+import pytest
+import torch
+
+from pipeline.cache.schema import LABEL, LOGITS, X
+from pipeline.config import ModelSpec
+from pipeline.models.builtin import digits_cnn, mlp
+from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
+from pipeline.student.losses import DistillationLoss
+from pipeline.student.loop import evaluate, make_optimizer, train_epoch
+from pipeline.student.trainer import teacher_evidence
+from pipeline.teacher.encode import encode_full_logits
+
+
+def _batches(n=256, bs=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = digits_cnn().eval()
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        logits = teacher(x)
+    y = logits.argmax(1)
+    return [{X: x[i:i + bs], LOGITS: logits[i:i + bs].half().float(), LABEL: y[i:i + bs]} for i in range(0, n, bs)]
+
+
+def test_train_epoch_reduces_loss_and_eval_reports_metrics():
+    torch.manual_seed(0)
+    data = _batches()
+    student = mlp((1, 8, 8), 10, hidden=(32,))
+    opt = make_optimizer(student.parameters(), "adam", 3e-3)
+    loss = DistillationLoss({"kd": 0.7, "ce": 0.3}, 4.0)
+    first = train_epoch(student, data, loss, opt)
+    for _ in range(15):
+        last = train_epoch(student, data, loss, opt)
+    assert last["train_loss"] < first["train_loss"]
+    assert first["train_samples"] == 256 and {"train_kd", "train_ce"} <= set(first)
+    ev = evaluate(student, data, 4.0)
+    assert ev["val_rows"] == 256 and ev["teacher_val_accuracy"] == 1.0  # labels are the teacher's argmax here
+    assert ev["val_accuracy"] == ev["val_agreement"]
+    assert ev["val_kl"] >= 0
+
+
+def test_eval_metrics_on_known_logits():
+    batch = {X: torch.eye(3), LOGITS: torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]]), LABEL: torch.tensor([0, 1, 1])}
+    identity = torch.nn.Identity()
+    ev = evaluate(identity, [batch], 1.0)
+    assert ev["val_accuracy"] == pytest.approx(2 / 3)
+    assert ev["teacher_val_accuracy"] == pytest.approx(2 / 3)
+    assert ev["val_agreement"] == 1.0
+    assert ev["val_kl"] > 0  # the student's logits (one-hot) are softer than the teacher's
+
+
+def test_encode_full_logits_dtypes():
+    z = torch.tensor([[1.0, -2.5, 3.25]])
+    assert encode_full_logits(z, "float16").dtype.name == "float16"
+    assert encode_full_logits(z, "float32").tolist() == [[1.0, -2.5, 3.25]]
+    with pytest.raises(ValueError):
+        encode_full_logits(z[0], "float16")
+
+
+def test_builders_fill_shape_and_classes():
+    model = build_model(ModelSpec(factory="pipeline.models.builtin:mlp", kwargs={"hidden": [16]}), input_shape=(1, 8, 8), num_classes=4)
+    assert output_width(model, (1, 8, 8)) == 4
+    assert BUILT_IN_THIS_PROCESS[-1] == "pipeline.models.builtin:mlp"
+
+
+def test_teacher_evidence_detects_a_built_teacher_and_stage1_imports(monkeypatch):
+    monkeypatch.setattr("pipeline.student.trainer.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:mlp"])
+    monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if not k.startswith("pipeline.teacher")})
+    assert teacher_evidence("pipeline.models.builtin:digits_cnn") == []
+    monkeypatch.setattr("pipeline.student.trainer.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:digits_cnn"])
+    assert teacher_evidence("pipeline.models.builtin:digits_cnn") == ["built pipeline.models.builtin:digits_cnn"]
+    monkeypatch.setitem(sys.modules, "pipeline.teacher.inference", object())
+    assert "imported pipeline.teacher.inference" in teacher_evidence(None)
+
+
+def test_student_package_never_imports_teacher():
+    import pathlib
+    import re
+
+    for path in pathlib.Path("pipeline/student").rglob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+pipeline\.teacher", path.read_text(), re.M), path

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2
 
+    import ray
+
+    ray.shutdown()  # flush the workers' logs now, so they do not land under the table
     students = []
     for name, runs in results.items():
         acc = [r["metrics"]["val_accuracy"] for r in runs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from pipeline.errors import DistillError
@@ -45,7 +46,8 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         cpus = int(os.environ.get("DISTILL_LOCAL_CPUS", max(LOCAL_MIN_CPUS, os.cpu_count() or 1)))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     configure_data_context()
 
 
@@ -62,3 +64,17 @@ def configure_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         ctx.use_datasource_v2 = False
+
+
+@contextmanager
+def quiet_data_context():
+    """Datasets built inside this block log no progress or plans (they run once per epoch in stage 2)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved

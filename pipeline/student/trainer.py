@@ -23,7 +23,7 @@ from pipeline.cache.verify import check_files
 from pipeline.config import TrainConfig, load_precompute_config
 from pipeline.errors import DistillError
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
-from pipeline.runtime import ensure_ray
+from pipeline.runtime import ensure_ray, quiet_data_context
 from pipeline.student.losses import TERM_INPUTS, DistillationLoss
 from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 
@@ -182,6 +182,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    with quiet_data_context():
+        datasets = {"train": _cache_dataset(cache_uri, manifest, "train"), "val": _cache_dataset(cache_uri, manifest, "val")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -195,12 +197,14 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})},
         ),
-        datasets={"train": _cache_dataset(cache_uri, manifest, "train"), "val": _cache_dataset(cache_uri, manifest, "val")},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=_storage_path(cfg.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train logs every report at INFO; rank 0 prints one line per epoch instead.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     log(f"training {cfg.name}: {cfg.student.factory} on cache {manifest.cache_id} "

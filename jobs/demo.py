@@ -15,7 +15,6 @@ import sys
 import time
 
 from pipeline.cache import storage
-from pipeline.cache.schema import SHARDS_DIR
 from pipeline.cache.verify import list_shard_files
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
@@ -34,8 +33,8 @@ STUDENTS = {
 
 
 def _shard_state(uri: str) -> list[tuple[str, float]]:
-    fs, root = storage.filesystem(storage.join(uri, SHARDS_DIR))
-    return [(name, fs.info(f"{root}/{name}").get("mtime", 0)) for name in list_shard_files(uri)]
+    fs, root = storage.filesystem(uri)
+    return [(rel, fs.info(f"{root}/{rel}").get("mtime", 0)) for rel in list_shard_files(uri)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
     rows = rows or {"train": 40, "val": 10}
     rng = np.random.default_rng(seed)
     cache_uri = str(root / "cachetest0000000")
-    (root / "cachetest0000000" / "shards").mkdir(parents=True)
+    for split in rows:
+        (root / "cachetest0000000" / "shards" / f"split={split}").mkdir(parents=True)
     shards, columns, start = [], None, 0
     for split, n in rows.items():
         table = pa.table({
@@ -51,7 +52,7 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
             LOGITS: _tensor_column(rng.normal(size=(n, num_classes)).astype(np.float16)),
         })
         start += n
-        rel = f"shards/{split}-0000-000000-0.parquet"
+        rel = f"shards/split={split}/part-0000-000000-0.parquet"
         pq.write_table(table, f"{cache_uri}/{rel}")
         facts = inspect_shard(f"{cache_uri}/{rel}")
         columns = facts.columns

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import storage
 from pipeline.cache.manifest import Manifest, manifest_uri, parse_manifest, read_manifest
-from pipeline.cache.schema import MANIFEST, SHARDS_DIR
+from pipeline.cache.schema import MANIFEST, SHARDS_DIR, SPLIT
 from pipeline.errors import DistillError
 
 
@@ -33,10 +33,20 @@ def inspect_shard(uri: str) -> ShardFacts:
 
 
 def list_shard_files(cache_uri: str) -> list[str]:
-    fs, path = storage.filesystem(storage.join(cache_uri, SHARDS_DIR))
-    if not fs.exists(path):
+    """Every Parquet file under shards/, as paths relative to the cache directory."""
+    fs, root = storage.filesystem(cache_uri)
+    shards = f"{root}/{SHARDS_DIR}"
+    if not fs.exists(shards):
         return []
-    return sorted(os.path.basename(p) for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    return sorted(os.path.relpath(p, root) for p in fs.find(shards) if p.endswith(".parquet"))
+
+
+def split_of_shard(rel_path: str) -> str:
+    """`shards/split=train/part-....parquet` -> `train`."""
+    for part in rel_path.split("/"):
+        if part.startswith(f"{SPLIT}="):
+            return part.split("=", 1)[1]
+    raise DistillError(f"shard {rel_path} is not under a {SPLIT}=<name>/ directory", "recompute the cache with --force")
 
 
 def check_files(cache_uri: str, manifest: Manifest) -> list[str]:
@@ -63,8 +73,8 @@ def verify_cache(cache_uri: str) -> list[str]:
     except DistillError as e:
         return [e.problem]
     problems = check_files(cache_uri, manifest)
-    known = {os.path.basename(s.path) for s in manifest.shards}
-    problems += [f"extra shard {SHARDS_DIR}/{name} not in the manifest" for name in list_shard_files(cache_uri) if name not in known]
+    known = {s.path for s in manifest.shards}
+    problems += [f"extra shard {rel} not in the manifest" for rel in list_shard_files(cache_uri) if rel not in known]
     for shard in manifest.shards:
         uri = storage.join(cache_uri, shard.path)
         if not storage.exists(uri):

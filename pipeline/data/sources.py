@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.schema import LABEL, SPLIT, X
+from pipeline.cache.schema import SAMPLE_ID as ID
 from pipeline.cache.storage import arrow_filesystem
 from pipeline.config import SourceConfig
 from pipeline.errors import DistillError
 
 SPLITS = ("train", "val")
-# Standard columns every source yields, whatever the user's own column names are.
-ID, X, LABEL = "sample_id", "x", "label"
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,11 @@ def load_split(cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
     if cfg.kind == "parquet":
         fs, path = arrow_filesystem(cfg.uri or "")
         table = pq.read_table(path, filesystem=fs)
-        return standardize_parquet_batch(
-            {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names},
-            cfg=cfg,
-            split=split,
+        rows = standardize_parquet_batch(
+            {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}, cfg=cfg
         )
+        keep = rows.pop(SPLIT) == split
+        return {k: v[keep] for k, v in rows.items()}
     x, y, prefix = _builtin_arrays(cfg.kind)
     idx = _split_by_permutation(len(y), cfg)[split]
     ids = np.array([f"{prefix}-{i:05d}" for i in idx], dtype=object)
@@ -171,20 +171,21 @@ def _parquet_input_width(schema: pa.Schema, cfg: SourceConfig) -> int:
     return 1
 
 
-def standardize_parquet_batch(batch: dict[str, np.ndarray], *, cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
-    """User columns -> `sample_id`, `x` (float32, optionally reshaped), `label` (int64), one split only."""
+def standardize_parquet_batch(batch: dict[str, np.ndarray], *, cfg: SourceConfig) -> dict[str, np.ndarray]:
+    """User columns -> `sample_id`, `x` (float32, optionally reshaped), `label` (int64) and `split`."""
     ids = np.asarray(batch[cfg.id_column])
-    keep = split_of_ids(ids, cfg) == split
     cols = cfg.input_columns or []
     if len(cols) == 1:
-        x = np.stack([np.asarray(v, dtype=np.float32) for v in batch[cols[0]]]) if batch[cols[0]].dtype == object else batch[cols[0]]
+        raw = batch[cols[0]]
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in raw]) if raw.dtype == object else raw
         x = np.asarray(x, dtype=np.float32).reshape(len(ids), -1)
     else:
         x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
     if cfg.input_shape:
         x = x.reshape(len(ids), *cfg.input_shape)
     return {
-        ID: np.array([str(i) for i in ids[keep]], dtype=object),
-        X: x[keep],
-        LABEL: np.asarray(batch[cfg.label_column], dtype=np.int64)[keep],
+        ID: np.array([str(i) for i in ids], dtype=object),
+        X: x,
+        LABEL: np.asarray(batch[cfg.label_column], dtype=np.int64),
+        SPLIT: split_of_ids(ids, cfg),
     }

@@ -88,8 +88,8 @@ def load_state(model: nn.Module, uri: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise DistillError(f"weights {uri!r} do not fit the model: {first}", "check the factory kwargs against the weights") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or str(e)
+        raise DistillError(f"weights {uri!r} do not fit the model: {detail}", "check the factory kwargs against the weights") from None
 
 
 def weights_digest(uri: str | None) -> str | None:

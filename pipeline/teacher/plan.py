@@ -15,8 +15,8 @@ import pyarrow as pa
 from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
-from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, X
-from pipeline.cache.verify import inspect_shard, list_shard_files
+from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SPLIT, X
+from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
 from pipeline.errors import DistillError
@@ -34,28 +34,31 @@ class PrecomputeResult:
     manifest: Manifest
 
 
-def _source_dataset(cfg: PrecomputeConfig, split: str, target: CacheTarget):
-    """Source rows of one split as a Ray dataset with the standard columns."""
+def _source_dataset(cfg: PrecomputeConfig):
+    """All source rows as one Ray dataset with the standard columns plus `split`."""
     import ray
     from ray.data.extensions import ArrowTensorArray
 
     if cfg.source.kind == "parquet":
         fs, path = storage.arrow_filesystem(cfg.source.uri or "")
         return ray.data.read_parquet(path, filesystem=fs).map_batches(
-            standardize_parquet_batch, fn_kwargs={"cfg": cfg.source, "split": split}, batch_format="numpy"
+            standardize_parquet_batch, fn_kwargs={"cfg": cfg.source}, batch_format="numpy"
         )
-    cols = load_split(cfg.source, split)
-    n = len(cols[LABEL])
-    # Several blocks, so that more than one teacher actor has work and progress is visible.
-    rows_per_block = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
-    tables = [
-        pa.table({
-            SAMPLE_ID: pa.array(cols[SAMPLE_ID][i:i + rows_per_block].tolist(), pa.string()),
-            X: ArrowTensorArray.from_numpy(cols[X][i:i + rows_per_block]),
-            LABEL: pa.array(cols[LABEL][i:i + rows_per_block]),
-        })
-        for i in range(0, n, rows_per_block)
-    ]
+    tables = []
+    for split in SPLITS:
+        cols = load_split(cfg.source, split)
+        n = len(cols[LABEL])
+        # Several blocks, so that more than one teacher actor has work and progress is visible.
+        step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
+        tables += [
+            pa.table({
+                SAMPLE_ID: pa.array(cols[SAMPLE_ID][i:i + step].tolist(), pa.string()),
+                X: ArrowTensorArray.from_numpy(cols[X][i:i + step]),
+                LABEL: pa.array(cols[LABEL][i:i + step]),
+                SPLIT: pa.array([split] * len(cols[LABEL][i:i + step]), pa.string()),
+            })
+            for i in range(0, n, step)
+        ]
     return ray.data.from_arrow(tables)
 
 
@@ -86,29 +89,29 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     shards_uri = storage.join(target.uri, SHARDS_DIR)
     fs, shards_path = storage.arrow_filesystem(shards_uri)
     started = time.time()
-    for split in SPLITS:
-        ds = _source_dataset(cfg, split, target).map_batches(
-            TeacherPredictor,
-            fn_constructor_kwargs={
-                "teacher": cfg.teacher.model_dump(exclude={"fit"}),
-                "input_shape": target.source.input_shape,
-                "num_classes": target.source.num_classes,
-                "logits_dtype": cfg.outputs.logits.dtype,
-                "use_gpu": cfg.gpus_per_actor > 0,
-                "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
-            },
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor,
-        )
-        try:
-            ds.write_parquet(shards_path, filesystem=fs, filename_provider=ShardNames(split),
-                             min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard)
-        except Exception as e:
-            raise DistillError(f"the teacher stage failed on split {split!r}: {_root_cause(e)}",
-                               "see the Ray logs above; nothing was published, run again once fixed") from None
+    ds = _source_dataset(cfg).map_batches(
+        TeacherPredictor,
+        fn_constructor_kwargs={
+            "teacher": cfg.teacher.model_dump(exclude={"fit"}),
+            "input_shape": target.source.input_shape,
+            "num_classes": target.source.num_classes,
+            "logits_dtype": cfg.outputs.logits.dtype,
+            "use_gpu": cfg.gpus_per_actor > 0,
+            "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
+    try:
+        # One pass over all rows; the split becomes the directory (shards/split=train/...).
+        ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
+                         max_rows_per_file=cfg.rows_per_shard)
+    except Exception as e:
+        raise DistillError(f"the teacher stage failed: {_root_cause(e)}",
+                           "see the Ray logs above; nothing was published, run again once fixed") from None
     wall = time.time() - started
     manifest = _publish(cfg, target, wall)
     log(f"wrote {manifest.rows} rows in {len(manifest.shards)} shards ({manifest.bytes / 1e6:.1f} MB) "
@@ -117,9 +120,15 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
 
 
 def _root_cause(e: BaseException) -> str:
+    """The user-facing line inside a Ray error: our own DistillError if an actor raised one."""
+    text = str(e)
+    marker = "DistillError: "
+    if marker in text:
+        return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
     while e.__cause__ is not None:
         e = e.__cause__
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifest:
@@ -127,11 +136,10 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifes
     import ray
 
     shards, columns = [], None
-    for name in list_shard_files(target.uri):
-        rel = f"{SHARDS_DIR}/{name}"
+    for rel in list_shard_files(target.uri):
         facts = inspect_shard(storage.join(target.uri, rel))
         columns = columns or facts.columns
-        shards.append(ShardEntry(path=rel, split=name.split("-", 1)[0], rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256))
+        shards.append(ShardEntry(path=rel, split=split_of_shard(rel), rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256))
     rows_by_split = {s: sum(e.rows for e in shards if e.split == s) for s in SPLITS}
     if rows_by_split != target.source.rows:
         raise DistillError(f"the teacher stage wrote {rows_by_split} rows, the source has {target.source.rows}",

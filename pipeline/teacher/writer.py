@@ -1,7 +1,6 @@
-"""Shard file names: `<split>-<write uuid>-<task>-<i>.parquet` under `<cache>/shards/`.
+"""Shard file names: `part-<write uuid>-<task>-<i>.parquet` under `<cache>/shards/split=<split>/`.
 
-The split leads the name so the manifest can be built from a listing; Ray Data requires the
-write uuid in APPEND mode so two writers never overwrite each other's files.
+Ray Data requires the write uuid in APPEND mode, so two writers never overwrite each other's files.
 """
 
 from __future__ import annotations
@@ -10,8 +9,5 @@ from ray.data.datasource import FilenameProvider
 
 
 class ShardNames(FilenameProvider):
-    def __init__(self, split: str) -> None:
-        self.split = split
-
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.split}-{write_uuid}-{task_index:06d}-{{i}}.parquet"
+        return f"part-{write_uuid}-{task_index:06d}-{{i}}.parquet"

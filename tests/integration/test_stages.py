@@ -13,7 +13,7 @@ import yaml
 from pipeline.cache.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
-from pipeline.cache.verify import verify_cache
+from pipeline.cache.verify import list_shard_files, verify_cache
 from pipeline.cli import main
 from pipeline.data.sources import load_split
 from tests.conftest import DIGITS_KD, write_yaml
@@ -51,17 +51,17 @@ def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
 
 def test_second_precompute_is_a_cache_hit_and_force_recomputes(digits_stage1, capsys):
     uri = resolve_target(digits_stage1["config"]).uri
-    before = sorted(os.listdir(f"{uri}/shards"))
+    before = list_shard_files(uri)
     created = read_manifest(uri).created
     assert main(["precompute", digits_stage1["config_path"]]) == 0
     assert f"cache hit: {uri}" in capsys.readouterr().out
-    assert sorted(os.listdir(f"{uri}/shards")) == before
+    assert list_shard_files(uri) == before
 
     from pipeline.teacher.plan import run_precompute
 
     again = run_precompute(digits_stage1["config"], force=True)
     assert not again.hit and again.rows_computed == 1797
-    assert sorted(os.listdir(f"{uri}/shards")) != before  # new files, old ones gone
+    assert list_shard_files(uri) != before and not set(before) & set(list_shard_files(uri))  # new files, old ones gone
     assert read_manifest(uri).rows == 1797 and verify_cache(uri) == []
     assert read_manifest(uri).created >= created
 
@@ -87,3 +87,42 @@ def test_train_two_workers_from_cache(digits_stage1, tmp_path):
     # Every epoch's samples add up to the train split, split across the two workers.
     assert all(h["train_samples"] * 2 <= 1438 for h in result["history"])
     assert result["history"][-1]["train_samples"] * 2 >= 1438 - 2
+
+
+def test_float32_logits_on_request_make_another_cache(digits_stage1):
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.plan import run_precompute
+
+    cfg = load_precompute_config(digits_stage1["config_path"], ["outputs.logits.dtype=float32"])
+    result = run_precompute(cfg)
+    assert result.uri != resolve_target(digits_stage1["config"]).uri
+    m, tables = _read_cache(result.uri)
+    assert m.outputs["logits"]["dtype"] == "float32"
+    assert tables["val"].column(LOGITS).combine_chunks().to_numpy().dtype == np.float32
+
+
+def test_parquet_source_through_ray_data(digits_stage1, tmp_path):
+    """A user's own table: id, input columns and label under their own names, read by Ray Data."""
+    import pyarrow as pa
+
+    from pipeline.config import load_precompute_config
+    from pipeline.data.sources import describe
+    from pipeline.teacher.plan import run_precompute
+
+    digits = digits_stage1["config"].source
+    rows = {s: load_split(digits, s) for s in ("train", "val")}
+    x = np.concatenate([rows[s]["x"] for s in rows]).reshape(-1, 64)
+    table = pa.table({"uid": [f"u{i}" for i in range(len(x))], "pixels": pa.array(list(x), pa.list_(pa.float32(), 64)),
+                      "digit": np.concatenate([rows[s]["label"] for s in rows])})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table.slice(0, 900), tmp_path / "data" / "a.parquet")
+    pq.write_table(table.slice(900), tmp_path / "data" / "b.parquet")
+    source = {"kind": "parquet", "uri": str(tmp_path / "data"), "id_column": "uid", "input_columns": ["pixels"],
+              "label_column": "digit", "input_shape": [1, 8, 8]}
+    cfg = load_precompute_config(digits_stage1["config_path"], [f"source={source}", f"cache_root={tmp_path}/cache"])
+    result = run_precompute(cfg)
+    m, tables = _read_cache(result.uri)
+    assert m.rows == 1797 and m.rows_by_split == describe(cfg.source).rows
+    ids = [i for t in tables.values() for i in t.column(SAMPLE_ID).to_pylist()]
+    assert sorted(ids) == sorted(table.column("uid").to_pylist())
+    assert m.input_shape == [1, 8, 8]

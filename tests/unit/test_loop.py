@@ -80,3 +80,20 @@ def test_student_package_never_imports_teacher():
 
     for path in pathlib.Path("pipeline/student").rglob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+pipeline\.teacher", path.read_text(), re.M), path
+
+
+def test_weights_round_trip_through_any_fsspec_uri():
+    from pipeline.models.factory import load_state, save_state, weights_digest
+
+    torch.manual_seed(0)
+    a = mlp((1, 8, 8), 10, hidden=(8,))
+    save_state(a, "memory://weights/student.pt")
+    b = mlp((1, 8, 8), 10, hidden=(8,))
+    load_state(b, "memory://weights/student.pt")
+    for pa_, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa_, pb)
+    assert len(weights_digest("memory://weights/student.pt")) == 16
+    from pipeline.errors import DistillError
+
+    with pytest.raises(DistillError, match="do not fit the model"):
+        load_state(mlp((1, 8, 8), 10, hidden=(9,)), "memory://weights/student.pt")

@@ -53,18 +53,19 @@ def test_verify_names_corrupted_truncated_missing_and_extra_shards(tiny_cache):
     import os
     import shutil
 
-    train, val = sorted(os.listdir(f"{tiny_cache}/shards"))
-    shutil.copy(f"{tiny_cache}/shards/{train}", f"{tiny_cache}/shards/train-extra.parquet")
-    with open(f"{tiny_cache}/shards/{train}", "r+b") as f:
+    train, val = "shards/split=train/part-0000-000000-0.parquet", "shards/split=val/part-0000-000000-0.parquet"
+    extra = "shards/split=train/part-extra.parquet"
+    shutil.copy(f"{tiny_cache}/{train}", f"{tiny_cache}/{extra}")
+    with open(f"{tiny_cache}/{train}", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
-    os.remove(f"{tiny_cache}/shards/{val}")
+    os.remove(f"{tiny_cache}/{val}")
     problems = "\n".join(verify_cache(tiny_cache))
-    assert f"shard shards/{train} checksum differs" in problems
-    assert f"missing shard shards/{val}" in problems
-    assert "extra shard shards/train-extra.parquet" in problems
-    size = os.path.getsize(f"{tiny_cache}/shards/{train}")
-    with open(f"{tiny_cache}/shards/{train}", "r+b") as f:
+    assert f"shard {train} checksum differs" in problems
+    assert f"missing shard {val}" in problems
+    assert f"extra shard {extra}" in problems
+    size = os.path.getsize(f"{tiny_cache}/{train}")
+    with open(f"{tiny_cache}/{train}", "r+b") as f:
         f.truncate(size // 2)
     problems = "\n".join(verify_cache(tiny_cache))
     assert "bytes, manifest says" in problems and "unreadable" in problems

@@ -7,6 +7,7 @@ The driver checks the cache against the student config, then `TorchTrainer` runs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "result.json"
+logger = logging.getLogger(__name__)
 BATCH_DTYPES = {X: torch.float32, LOGITS: torch.float32, LABEL: torch.int64}
 
 
@@ -95,8 +97,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.student, input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"])
-    optimizer_model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(optimizer_model.parameters(), cfg.optimizer.name, cfg.optimizer.lr,
+    ddp_model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(ddp_model.parameters(), cfg.optimizer.name, cfg.optimizer.lr,
                                cfg.optimizer.weight_decay, cfg.optimizer.momentum)
     loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature)
 
@@ -105,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-        (optimizer_model.module if hasattr(optimizer_model, "module") else optimizer_model).load_state_dict(state["model"])
+        (ddp_model.module if hasattr(ddp_model, "module") else ddp_model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
 
@@ -126,9 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
         )
-        stats = train_epoch(optimizer_model, batches, loss_fn, optimizer)
+        stats = train_epoch(ddp_model, batches, loss_fn, optimizer)
         train_s = time.time() - started
-        evaluated = evaluate(optimizer_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=BATCH_DTYPES),
+        evaluated = evaluate(ddp_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=BATCH_DTYPES),
                              cfg.loss.temperature)
         metrics = {
             "epoch": epoch + 1,
@@ -142,16 +144,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                _save_checkpoint(d, optimizer_model, optimizer, epoch + 1, history)
+                _save_checkpoint(d, ddp_model, optimizer, epoch + 1, history)
                 if evidence:
                     metrics["teacher_evidence"] = "; ".join(evidence)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.get('train_loss', float('nan')):.4f}  "
+        if rank == 0:  # through logging: Ray Train would print() twice (stdout and its console handler)
+            logger.info(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"val_accuracy {evaluated['val_accuracy']:.4f}  agreement {evaluated['val_agreement']:.4f}  "
-                  f"({train_s:.1f}s train, {metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)", flush=True)
+                  f"({train_s:.1f}s train, {metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)")
 
 
 def _cache_dataset(cache_uri: str, manifest: Manifest, split: str):

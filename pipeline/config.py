@@ -23,6 +23,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StorageOptions(_Strict):
+    """S3-compatible endpoint override (MinIO, Ceph, a test server). Credentials never go here:
+    they come from the standard AWS chain (environment, profiles, instance roles) on each node."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
 class SourceConfig(_Strict):
     """Where the rows come from. Built-in sources ship inside packages, so nothing is downloaded."""
 
@@ -90,10 +98,13 @@ class PrecomputeConfig(_Strict):
     teacher: TeacherConfig
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     cache_root: str = "runs/cache"
+    storage: StorageOptions = Field(default_factory=StorageOptions)
     batch_size: int = Field(256, ge=1)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    # Custom Ray resources each teacher actor asks for, e.g. {"teacher_gpu": 1} to pin it to such nodes.
+    actor_resources: dict[str, float] = Field(default_factory=dict)
     rows_per_shard: int = Field(50_000, ge=1)
 
 
@@ -136,6 +147,7 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     storage_path: str = "runs/train"
+    storage: StorageOptions = Field(default_factory=StorageOptions)
     seed: int = 0
     shuffle_buffer: int = Field(4096, ge=0)
 

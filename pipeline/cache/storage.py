@@ -1,7 +1,8 @@
 """Where caches, weights and runs live: any fsspec URI (local path, file://, s3://, ...).
 
-One place resolves a URI to a filesystem, so S3 endpoints and credentials are configured
-once (issue 3 adds endpoint overrides here) and every reader and writer agrees.
+One place resolves a URI to a filesystem, so an S3 endpoint override is configured once and
+every reader and writer agrees. Credentials are never passed here: s3fs/botocore find them
+in the standard AWS chain (environment, profiles, instance roles) on each node.
 """
 
 from __future__ import annotations
@@ -14,6 +15,31 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
+
+from pipeline.errors import DistillError
+
+
+_S3_SCHEMES = ("s3://", "s3a://")
+_options: dict[str, str | None] = {"endpoint_url": None, "region": None}
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Set the S3 endpoint override for this process (from a config's `storage:` section)."""
+    _options.update(endpoint_url=endpoint_url, region=region)
+
+
+def options() -> dict[str, str | None]:
+    return dict(_options)
+
+
+def _s3_kwargs() -> dict[str, Any]:
+    endpoint = _options["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if _options["region"]:
+        kwargs["client_kwargs"] = {"region_name": _options["region"]}
+    return kwargs
 
 
 def is_local(uri: str) -> bool:
@@ -28,6 +54,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the path inside it."""
     if is_local(uri):
         return fsspec.filesystem("file"), local_path(uri)
+    if uri.startswith(_S3_SCHEMES):
+        import s3fs
+
+        return s3fs.S3FileSystem(**_s3_kwargs()), uri.split("://", 1)[1].rstrip("/")
     fs, path = url_to_fs(uri)
     return fs, path
 
@@ -94,3 +124,30 @@ def remove_tree(uri: str) -> None:
 def info(uri: str) -> dict[str, Any]:
     fs, path = filesystem(uri)
     return fs.info(path)
+
+
+def check_reachable(uri: str, what: str) -> None:
+    """Fail early, in one line, when an object-store location cannot be used: no bucket, no credentials, no endpoint."""
+    if is_local(uri) or not uri.startswith(_S3_SCHEMES):
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    endpoint = _s3_kwargs().get("endpoint_url", "the default AWS endpoint")
+    try:
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise DistillError(f"bucket {bucket!r} for the {what} ({uri}) does not exist at {endpoint}",
+                           "create the bucket or fix the URI") from None
+    except PermissionError as e:
+        raise DistillError(f"access denied to bucket {bucket!r} for the {what}: {e}",
+                           "check the credentials' permissions (AWS_PROFILE, AWS_ACCESS_KEY_ID)") from None
+    except Exception as e:  # botocore raises its own types; name them without importing botocore
+        kind = type(e).__name__
+        if kind == "NoCredentialsError":
+            raise DistillError(f"no S3 credentials found for the {what} ({uri})",
+                               "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment "
+                               "(never in the config)") from None
+        if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or isinstance(e, OSError):
+            raise DistillError(f"the S3 endpoint {endpoint} does not answer ({kind})",
+                               "check `storage.endpoint_url` or AWS_ENDPOINT_URL") from None
+        raise

@@ -164,16 +164,25 @@ def _cache_dataset(cache_uri: str, manifest: Manifest, split: str):
     return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns([X, LABEL, LOGITS])
 
 
-def _storage_path(path: str) -> str:
-    return storage.local_path(path) if storage.is_local(path) else path
+def _run_storage(path: str):
+    """Ray Train's (storage_path, storage_filesystem): a local absolute path, or a scheme-less
+    path with the same filesystem the rest of the pipeline uses (so the endpoint override holds)."""
+    if storage.is_local(path):
+        return storage.local_path(path), None
+    fs, scheme_less = storage.arrow_filesystem(path)
+    return scheme_less, fs
 
 
 def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool = False, log=print) -> TrainResult:
     """Train one student from the cache; writes checkpoints and `result.json` under storage_path/name."""
+    storage.configure(**cfg.storage.model_dump())
+    storage.check_reachable(cfg.storage_path, "run storage path")
     cache_uri = resolve_cache_uri(cfg)
+    storage.check_reachable(cache_uri, "cache")
     manifest = read_manifest(cache_uri)
     check_against_cache(cfg, manifest, cache_uri)
-    run_dir = storage.join(_storage_path(cfg.storage_path), cfg.name or "run")
+    run_dir = storage.join(cfg.storage_path if not storage.is_local(cfg.storage_path)
+                           else storage.local_path(cfg.storage_path), cfg.name or "run")
     if storage.exists(run_dir):
         if not overwrite:
             raise DistillError(f"run directory {run_dir} already exists",
@@ -184,6 +193,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    run_storage_path, run_storage_fs = _run_storage(cfg.storage_path)
     with quiet_data_context():
         datasets = {"train": _cache_dataset(cache_uri, manifest, "train"), "val": _cache_dataset(cache_uri, manifest, "val")}
     trainer = TorchTrainer(
@@ -203,7 +213,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=_storage_path(cfg.storage_path),
+            storage_path=run_storage_path,
+            storage_filesystem=run_storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train logs every report at INFO; rank 0 prints one line per epoch instead.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -240,7 +251,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         "workers_with_teacher": final.get("workers_with_teacher"),
         "wall_s": round(wall, 2),
         "history": history,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": _checkpoint_uri(result.checkpoint, cfg.storage_path),
         "config": cfg.model_dump(),
     }
     storage.write_bytes_atomic(storage.join(run_dir, RESULT_FILE), (json.dumps(out, indent=2) + "\n").encode())
@@ -248,6 +259,14 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     log(f"{cfg.name}: val_accuracy {m['val_accuracy']:.4f}  agreement {m['val_agreement']:.4f}  "
         f"kl {m['val_kl']:.4f}  ({wall:.0f}s) -> {storage.join(run_dir, RESULT_FILE)}")
     return TrainResult(run_dir=run_dir, result=out)
+
+
+def _checkpoint_uri(checkpoint, storage_path: str) -> str | None:
+    if checkpoint is None:
+        return None
+    if storage.is_local(storage_path):
+        return checkpoint.path
+    return f"{storage_path.split('://', 1)[0]}://{checkpoint.path}"
 
 
 def _history_of(result) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache import storage
 from pipeline.config import PrecomputeConfig
 from pipeline.data.sources import describe, load_split
 from pipeline.errors import DistillError
@@ -45,6 +46,7 @@ def fit_teacher(cfg: PrecomputeConfig, log=print) -> float:
     """Train on the train split, report val accuracy, save weights to `teacher.weights`. Returns val accuracy."""
     if not cfg.teacher.weights:
         raise DistillError("`teacher.weights` is not set", "set the URI the trained weights should be written to")
+    storage.configure(**cfg.storage.model_dump())
     fit = cfg.teacher.fit
     info = describe(cfg.source)
     train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache import storage
 from pipeline.cache.schema import LOGITS, X
 from pipeline.config import ModelSpec
 from pipeline.models.factory import build_model
@@ -17,7 +18,9 @@ class TeacherPredictor:
     """Runs the teacher on numpy batches and appends its encoded outputs to the passthrough columns."""
 
     def __init__(self, teacher: dict[str, Any], input_shape: tuple[int, ...], num_classes: int,
-                 logits_dtype: str = "float16", use_gpu: bool = False, threads: int | None = None) -> None:
+                 logits_dtype: str = "float16", use_gpu: bool = False, threads: int | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        storage.configure(**(storage_options or {}))  # this actor may load the weights from S3
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
             torch.set_num_threads(threads)

@@ -74,6 +74,8 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
                    log=print) -> PrecomputeResult:
     """Compute (or find) the cache for `cfg`. A second call with the same content inputs does no teacher work."""
     resolve_factory(cfg.teacher.factory)  # fail on a typo before hashing weights or starting Ray
+    storage.configure(**cfg.storage.model_dump())
+    storage.check_reachable(cfg.cache_root, "cache root")
     target = resolve_target(cfg)
     if not force and storage.exists(manifest_uri(target.uri)):
         log(f"cache hit: {target.uri}")
@@ -98,12 +100,14 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
             "logits_dtype": cfg.outputs.logits.dtype,
             "use_gpu": cfg.gpus_per_actor > 0,
             "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
+            "storage_options": storage.options(),
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
+        resources=cfg.actor_resources or None,
     )
     try:
         # One pass over all rows; the split becomes the directory (shards/split=train/...).

@@ -1,0 +1,84 @@
+"""Both stages against a real S3 endpoint (moto's server on 127.0.0.1), and the bad-bucket cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.cache import storage
+from pipeline.cli import main
+from tests.conftest import DIGITS_KD, write_yaml
+from tests.s3server import moto_s3
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def s3(ray_session):
+    with moto_s3() as (endpoint, fs):
+        yield endpoint, fs
+    storage.configure()  # back to no endpoint override for the other tests
+
+
+def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
+    endpoint, fs = s3
+    fs.put(str(digits_stage1["root"] / "teacher.pt"), "distill/teachers/digits.pt")
+    pre = yaml.safe_load(open(digits_stage1["config_path"]))
+    pre.update(cache_root="s3://distill/cache", storage={"endpoint_url": endpoint})
+    pre["teacher"]["weights"] = "s3://distill/teachers/digits.pt"
+    pre_path = write_yaml(tmp_path / "pre.yaml", pre)
+    assert main(["precompute", pre_path]) == 0
+    caches = fs.ls("distill/cache")
+    assert len(caches) == 1
+    manifest = json.loads(fs.cat(f"{caches[0]}/manifest.json"))
+    assert manifest["rows"] == 1797 and all(fs.exists(f"{caches[0]}/{s['path']}") for s in manifest["shards"])
+    # Same key as the local cache: the weights are the same bytes, only their location differs.
+    assert manifest["cache_id"] == caches[0].rsplit("/", 1)[1]
+    assert "testing" not in json.dumps(manifest)  # no credentials in the manifest
+    assert main(["cache", "verify", f"s3://{caches[0]}"]) == 0
+    capsys.readouterr()
+    assert main(["precompute", pre_path]) == 0
+    assert "cache hit: s3://distill/cache/" in capsys.readouterr().out
+
+    train = yaml.safe_load(open(DIGITS_KD))
+    train.update(precompute=pre_path, storage_path="s3://distill/runs", storage={"endpoint_url": endpoint},
+                 name="s3-kd", epochs=2)
+    assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
+    result = json.loads(fs.cat("distill/runs/s3-kd/result.json"))
+    assert result["epochs"] == 2 and result["cache"].startswith("s3://distill/cache/")
+    assert result["checkpoint"].startswith("s3://distill/runs/s3-kd/checkpoint_")
+    assert fs.exists(result["checkpoint"].removeprefix("s3://") + "/state.pt")
+
+
+def test_missing_bucket_and_credentials_are_one_line(digits_stage1, s3, tmp_path, capsys, monkeypatch):
+    endpoint, fs = s3
+    pre = yaml.safe_load(open(digits_stage1["config_path"]))
+    pre.update(cache_root="s3://no-such-bucket/cache", storage={"endpoint_url": endpoint})
+    path = write_yaml(tmp_path / "pre.yaml", pre)
+    assert main(["precompute", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bucket 'no-such-bucket'" in err and "does not exist" in err
+    assert not fs.exists("no-such-bucket")
+
+    pre.update(cache_root="s3://distill/cache2")
+    path = write_yaml(tmp_path / "pre.yaml", pre)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert main(["precompute", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no S3 credentials" in err
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.undo()
+    assert fs.ls("distill") == [] or not any("cache2" in p for p in fs.ls("distill"))
+
+    pre.update(storage={"endpoint_url": "http://127.0.0.1:9"})
+    assert main(["precompute", write_yaml(tmp_path / "pre.yaml", pre)]) == 2
+    assert "does not answer" in capsys.readouterr().err

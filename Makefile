@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit test-e2e bench cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e
+
+cluster-up: $(STAMP)
+	PY=$(BIN)/python deploy/local/up.sh
+
+cluster-down:
+	deploy/local/down.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.stages

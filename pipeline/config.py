@@ -31,6 +31,18 @@ class StorageOptions(_Strict):
     region: str | None = None
 
 
+class JobOptions(_Strict):
+    """What the stage's Ray Job entrypoint (the driver) asks for when submitted with `distill submit`.
+
+    The default asks for nothing, so the driver never holds a CPU or GPU the teacher actors or
+    train workers need; set these to pin the driver, e.g. to a node group with a custom resource.
+    """
+
+    entrypoint_num_cpus: float = Field(0.0, ge=0)
+    entrypoint_num_gpus: float = Field(0.0, ge=0)
+    entrypoint_resources: dict[str, float] = Field(default_factory=dict)
+
+
 class SourceConfig(_Strict):
     """Where the rows come from. Built-in sources ship inside packages, so nothing is downloaded."""
 
@@ -99,6 +111,7 @@ class PrecomputeConfig(_Strict):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     cache_root: str = "runs/cache"
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    job: JobOptions = Field(default_factory=JobOptions)
     batch_size: int = Field(256, ge=1)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, ge=0)
@@ -148,6 +161,7 @@ class TrainConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
     storage_path: str = "runs/train"
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    job: JobOptions = Field(default_factory=JobOptions)
     seed: int = 0
     shuffle_buffer: int = Field(4096, ge=0)
 

@@ -15,12 +15,12 @@ from pipeline.errors import DistillError
 LOCAL_MIN_CPUS = 4
 
 
-def _probe(address: str, timeout: float = 3.0) -> None:
+def probe(address: str, timeout: float = 3.0, default_port: int = 6379) -> None:
     """Fail in seconds with a clear message, instead of Ray's long retry loop, when nothing answers."""
     if address in ("auto", "local"):
         return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    host, port = parsed.hostname, parsed.port or 6379
+    host, port = parsed.hostname, parsed.port or default_port
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -41,8 +41,14 @@ def ensure_ray(address: str | None = None) -> None:
     # it does every health-check interval (2 s by default): that was 85% of an epoch here.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise DistillError(
+            f"{address} is a Ray dashboard (Jobs API) address",
+            "use `distill submit ...` to run the stage on that cluster as a Ray Job, "
+            "or give the cluster's GCS address (host:6379) to run this driver there",
+        )
     if address:
-        _probe(address)
+        probe(address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         cpus = int(os.environ.get("DISTILL_LOCAL_CPUS", max(LOCAL_MIN_CPUS, os.cpu_count() or 1)))

@@ -38,7 +38,8 @@ def list_shard_files(cache_uri: str) -> list[str]:
     shards = f"{root}/{SHARDS_DIR}"
     if not fs.exists(shards):
         return []
-    return sorted(os.path.relpath(p, root) for p in fs.find(shards) if p.endswith(".parquet"))
+    prefix = root.rstrip("/") + "/"  # string-relative: works for object-store keys and needs no cwd
+    return sorted(p[len(prefix):] for p in fs.find(shards) if p.endswith(".parquet") and p.startswith(prefix))
 
 
 def split_of_shard(rel_path: str) -> str:

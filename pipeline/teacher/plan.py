@@ -161,11 +161,28 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifes
         columns=columns or {},
         shards=shards,
         stats={"wall_s": round(wall, 3), "rows_per_s": round(sum(rows_by_split.values()) / max(wall, 1e-9), 1),
-               "devices": devices, "num_actors": cfg.num_actors, "ray_job_id": ray.get_runtime_context().get_job_id()},
+               "devices": devices, "num_actors": cfg.num_actors, "ray_job_id": ray.get_runtime_context().get_job_id(),
+               "teacher_nodes": _teacher_nodes()},
         config=cfg.model_dump(),
     )
     write_manifest(target.uri, manifest)
     return manifest
+
+
+def _teacher_nodes() -> list[str]:
+    """Node ids where this job's teacher actors ran (from Ray's state API; empty if it is unavailable)."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(
+            filters=[("class_name", "=", f"MapWorker(MapBatches({TeacherPredictor.__name__}))"),
+                     ("job_id", "=", ray.get_runtime_context().get_job_id())],
+            limit=10_000, timeout=10, raise_on_missing_output=False,
+        )
+    except Exception:  # no dashboard, or an old cluster: the stat is informative, not required
+        return []
+    return sorted({a.node_id for a in actors if a.node_id})
 
 
 def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""Each stage as a Ray Job: submit, follow, list, stop, and chain "precompute once, then N students".
+
+The job runs `python -m jobs.precompute` or `python -m jobs.train` (the same entrypoints the
+KubeRay RayJob manifests run) with the project as its working_dir and the fully resolved
+config in its environment. Credentials are never forwarded: cluster nodes take them from
+their own AWS chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.cache import storage
+from pipeline.cache.manifest import manifest_uri
+from pipeline.config import PrecomputeConfig, TrainConfig
+from pipeline.errors import DistillError
+from pipeline.runtime import probe
+
+CONFIG_ENV = "DISTILL_CONFIG_JSON"
+# Environment the job's processes need from us (never credentials).
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Never shipped in the working_dir (Ray also honours .gitignore).
+EXCLUDES = [".git", ".venv", "runs", "tests", "*.pt", "__pycache__", ".pytest_cache"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def jobs_address(address: str | None) -> str:
+    """The Jobs API (dashboard) address: argument, else RAY_ADDRESS; checked to answer."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise DistillError("no cluster address", "pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    probe(address, default_port=8265)
+    return address
+
+
+def job_client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    url = jobs_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as e:  # ConnectionError, or RuntimeError from the version check
+        raise DistillError(f"the Ray Jobs API at {url} does not answer: {str(e).splitlines()[0]}",
+                           "pass the dashboard address (port 8265 by default)") from None
+
+
+def project_root() -> str:
+    """The directory holding `pipeline/` and `jobs/`: what travels as the job's working_dir."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def job_python() -> str:
+    """The interpreter on the cluster nodes; `python` on their PATH unless DISTILL_JOB_PYTHON says otherwise."""
+    return os.environ.get("DISTILL_JOB_PYTHON", "python")
+
+
+@dataclass
+class SubmittedJob:
+    job_id: str
+    stage: str
+    name: str
+
+
+def _absolute_local_paths(cfg: PrecomputeConfig | TrainConfig) -> PrecomputeConfig | TrainConfig:
+    """A job runs in a temporary copy of the project, so relative local paths would land there."""
+    def fix(uri: str | None) -> str | None:
+        return storage.local_path(uri) if uri and storage.is_local(uri) else uri
+
+    if isinstance(cfg, PrecomputeConfig):
+        return cfg.model_copy(update={
+            "cache_root": fix(cfg.cache_root),
+            "teacher": cfg.teacher.model_copy(update={"weights": fix(cfg.teacher.weights)}),
+            "source": cfg.source.model_copy(update={"uri": fix(cfg.source.uri)}),
+        })
+    return cfg.model_copy(update={"cache": fix(cfg.cache), "storage_path": fix(cfg.storage_path),
+                                  "student": cfg.student.model_copy(update={"weights": fix(cfg.student.weights)})})
+
+
+def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig, *, force: bool = False,
+                 log: Callable[[str], None] = print) -> SubmittedJob:
+    """Submit one stage with its resolved config; returns at once with the job id."""
+    if isinstance(cfg, TrainConfig) and cfg.precompute:
+        from pipeline.student.trainer import resolve_cache_uri
+
+        storage.configure(**cfg.storage.model_dump())
+        cfg = cfg.model_copy(update={"cache": resolve_cache_uri(cfg), "precompute": None})
+    cfg = _absolute_local_paths(cfg)
+    name = cfg.name if isinstance(cfg, TrainConfig) and cfg.name else stage
+    job_id = f"distill-{stage}-{name}-{uuid.uuid4().hex[:6]}".replace("_", "-")
+    entrypoint = f"{job_python()} -m jobs.{stage}" + (" --force" if force else "")
+    job = cfg.job
+    try:
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={"working_dir": project_root(), "excludes": EXCLUDES,
+                         "env_vars": {**JOB_ENV, CONFIG_ENV: json.dumps(cfg.model_dump())}},
+            metadata={"distill_stage": stage, "distill_name": name},
+            entrypoint_num_cpus=job.entrypoint_num_cpus,
+            entrypoint_num_gpus=job.entrypoint_num_gpus,
+            entrypoint_resources=job.entrypoint_resources or None,
+        )
+    except Exception as e:
+        raise DistillError(f"submitting the {stage} job failed: {str(e).strip().splitlines()[-1]}",
+                           "check the cluster (ray status) and the job's resources") from None
+    log(f"submitted {stage} job {job_id}")
+    return SubmittedJob(job_id=job_id, stage=stage, name=name)
+
+
+def follow(client, job_id: str, *, stream: bool = True, poll_s: float = 1.0,
+           log: Callable[[str], None] = print) -> str:
+    """Wait for the job to end, printing its logs as they grow; returns the final status."""
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if stream:
+            logs = client.get_job_logs(job_id)
+            if len(logs) > shown:
+                log(logs[shown:].rstrip("\n"))
+                shown = len(logs)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def report_end(client, job: SubmittedJob, status: str, log: Callable[[str], None] = print, tail: int = 30) -> int:
+    """0 for a job that succeeded; else the tail of its logs and 1."""
+    if status == "SUCCEEDED":
+        log(f"{job.stage} job {job.job_id} succeeded")
+        return 0
+    lines = client.get_job_logs(job.job_id).rstrip("\n").splitlines()[-tail:]
+    log(f"--- last {len(lines)} log lines of {job.job_id} ---")
+    for line in lines:
+        log(line)
+    log(f"{job.stage} job {job.job_id} {status.lower()}")
+    return 1
+
+
+@dataclass
+class PipelineRun:
+    cache_uri: str
+    teacher_job: SubmittedJob | None
+    student_jobs: list[SubmittedJob] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+
+
+def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *, wait: bool = True,
+                    log: Callable[[str], None] = print) -> PipelineRun:
+    """The teacher job only when the cache is missing, then every student job on that one cache."""
+    from pipeline.cache.identity import resolve_target
+
+    storage.configure(**pre.storage.model_dump())
+    storage.check_reachable(pre.cache_root, "cache root")
+    target = resolve_target(pre)
+    run = PipelineRun(cache_uri=target.uri, teacher_job=None)
+    if storage.exists(manifest_uri(target.uri)):
+        log(f"cache hit: {target.uri} (no teacher job)")
+    else:
+        run.teacher_job = submit_stage(client, "precompute", pre, log=log)
+        status = follow(client, run.teacher_job.job_id, stream=wait, log=log)
+        run.statuses[run.teacher_job.job_id] = status
+        if status != "SUCCEEDED" or not storage.exists(manifest_uri(target.uri)):
+            report_end(client, run.teacher_job, status, log=log)
+            return run
+    for cfg in trains:
+        cfg = cfg.model_copy(update={"cache": target.uri, "precompute": None})
+        run.student_jobs.append(submit_stage(client, "train", cfg, log=log))
+    if wait:
+        for job in run.student_jobs:
+            run.statuses[job.job_id] = follow(client, job.job_id, log=log)
+    return run
+
+
+def list_jobs(client) -> list[dict[str, Any]]:
+    rows = []
+    for info in client.list_jobs():
+        rows.append({"job_id": info.submission_id or info.job_id, "status": str(info.status).split(".")[-1],
+                     "stage": (info.metadata or {}).get("distill_stage", "-"), "entrypoint": info.entrypoint,
+                     "start_time": info.start_time})
+    return sorted(rows, key=lambda r: r["start_time"] or 0)

@@ -1,0 +1,121 @@
+"""A real two-node Ray cluster with the Jobs API, and a real S3 endpoint, both on 127.0.0.1.
+
+The second node carries a custom resource standing in for a GPU node; the teacher actors ask
+for it. `distill submit pipeline` runs the teacher job, then two student jobs; everything lands
+in the bucket. Run alone with: pytest -m e2e
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import DIGITS_KD, DIGITS_PRECOMPUTE, write_yaml
+from tests.s3server import moto_s3
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as (endpoint, fs):
+        yield endpoint, fs
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    import ray
+
+    from deploy.local.cluster import start_cluster
+
+    if ray.is_initialized():  # the integration session's local Ray; this test needs its own cluster
+        ray.shutdown()
+    c, url, gpu_node = start_cluster(head_cpus=2, worker_cpus=2)
+    try:
+        yield url, gpu_node
+    finally:
+        c.shutdown()
+
+
+def _configs(tmp_path, endpoint, fs):
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.fit import fit_teacher
+
+    pre = yaml.safe_load(open(DIGITS_PRECOMPUTE))
+    pre["teacher"]["weights"] = "s3://distill/teachers/digits.pt"
+    pre["teacher"]["fit"]["epochs"] = 5
+    pre.update(cache_root="s3://distill/cache", storage={"endpoint_url": endpoint},
+               actor_resources={"teacher_gpu": 1})
+    pre_path = write_yaml(tmp_path / "precompute.yaml", pre)
+    fit_teacher(load_precompute_config(pre_path))
+    trains = []
+    for name, terms in (("kd", {"kd": 0.7, "ce": 0.3}), ("hard", {"kd": 0.0, "ce": 1.0})):
+        t = yaml.safe_load(open(DIGITS_KD))
+        t.pop("precompute")
+        t.update(cache="s3://distill/cache/placeholder", storage_path="s3://distill/runs", name=f"e2e-{name}",
+                 epochs=3, storage={"endpoint_url": endpoint})
+        t["loss"]["terms"] = terms
+        trains.append(write_yaml(tmp_path / f"train-{name}.yaml", t))
+    return pre_path, trains
+
+
+def test_pipeline_on_a_cluster_with_s3(cluster, s3, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.submit import job_client, list_jobs
+
+    url, gpu_node = cluster
+    endpoint, fs = s3
+    pre, trains = _configs(tmp_path, endpoint, fs)
+    capsys.readouterr()
+    assert main(["submit", "pipeline", pre, *trains, "--address", url, "--wait"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads([line for line in out.splitlines() if line.startswith('{"cache"')][-1])
+    assert summary["teacher_job"] and len(summary["student_jobs"]) == 2
+    assert set(summary["statuses"].values()) == {"SUCCEEDED"}
+
+    cache_key = summary["cache"].removeprefix("s3://")
+    manifest = json.loads(fs.cat(f"{cache_key}/manifest.json"))
+    assert manifest["rows"] == 1797 and all(fs.exists(f"{cache_key}/{s['path']}") for s in manifest["shards"])
+    assert manifest["stats"]["teacher_nodes"] == [gpu_node]  # the teacher ran on the "GPU" node only
+    for name in ("kd", "hard"):
+        result = json.loads(fs.cat(f"distill/runs/e2e-{name}/result.json"))
+        assert result["cache"] == summary["cache"] and result["epochs"] == 3
+        assert result["workers_with_teacher"] == 0
+    # No credential in what the jobs carried.
+    client = job_client(url)
+    for job_id in [summary["teacher_job"], *summary["student_jobs"]]:
+        info = client.get_job_info(job_id)
+        assert "testing" not in json.dumps({"env": info.runtime_env, "meta": info.metadata, "ep": info.entrypoint})
+
+    # Again: the cache exists, so no teacher job at all.
+    precompute_jobs = [j for j in list_jobs(client) if j["stage"] == "precompute"]
+    assert main(["submit", "pipeline", pre, trains[0], "--address", url, "--wait"]) == 0
+    again = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{"cache"')][-1])
+    assert again["teacher_job"] is None and len(again["student_jobs"]) == 1
+    assert [j for j in list_jobs(client) if j["stage"] == "precompute"] == precompute_jobs
+
+
+def test_failed_job_shows_its_logs_and_exits_1(cluster, s3, tmp_path, capsys):
+    from pipeline.cli import main
+
+    url, _ = cluster
+    endpoint, _ = s3
+    t = yaml.safe_load(open(DIGITS_KD))
+    t.pop("precompute")
+    t.update(cache="s3://distill/cache/does-not-exist", storage_path="s3://distill/runs", name="e2e-broken",
+             storage={"endpoint_url": endpoint})
+    code = main(["submit", "train", write_yaml(tmp_path / "broken.yaml", t), "--address", url, "--wait"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "no cache at s3://distill/cache/does-not-exist" in out and "failed" in out
+    assert not __import__("s3fs").S3FileSystem(endpoint_url=endpoint).exists("distill/runs/e2e-broken")
+
+
+def test_unreachable_address_is_one_line(capsys):
+    from pipeline.cli import main
+
+    assert main(["jobs", "ls", "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not answer" in err

@@ -1,0 +1,92 @@
+"""What can be checked here without Kubernetes or a Docker engine: manifests parse and carry the
+fields KubeRay requires, every entrypoint and config they name exists, versions match the pin."""
+
+import glob
+import re
+import shlex
+
+import pytest
+import yaml
+
+MANIFESTS = sorted(glob.glob("deploy/kuberay/*.yaml"))
+
+
+def pinned_ray() -> str:
+    text = open("pyproject.toml").read()
+    return re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', text).group(1)
+
+
+def load(path):
+    return yaml.safe_load(open(path))
+
+
+def _containers(pod_template):
+    return pod_template["spec"]["containers"]
+
+
+def _check_cluster_spec(spec):
+    assert spec["rayVersion"] == pinned_ray()
+    head = spec["headGroupSpec"]
+    assert "rayStartParams" in head and _containers(head["template"])
+    for group in spec.get("workerGroupSpecs", []):
+        assert group["groupName"] and "rayStartParams" in group
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert _containers(group["template"])
+    for container in [*_containers(head["template"]),
+                      *[c for g in spec.get("workerGroupSpecs", []) for c in _containers(g["template"])]]:
+        assert container["name"] and container["image"]
+        tag = container["image"].rsplit(":", 1)[1]
+        assert tag.startswith(f"{pinned_ray()}-py"), container["image"]
+
+
+def test_manifests_exist():
+    names = {m.rsplit("/", 1)[1] for m in MANIFESTS}
+    assert {"raycluster.yaml", "rayjob-precompute.yaml", "rayjob-train.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", MANIFESTS)
+def test_manifest_has_kuberay_fields(path):
+    doc = load(path)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    if doc["kind"] == "RayCluster":
+        _check_cluster_spec(doc["spec"])
+        assert doc["spec"]["enableInTreeAutoscaling"] is True
+        groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
+        gpu = _containers(groups["gpu"]["template"])[0]["resources"]["limits"]
+        assert gpu["nvidia.com/gpu"] and "cpu" in groups
+    else:
+        assert doc["kind"] == "RayJob"
+        spec = doc["spec"]
+        assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec)
+        if "rayClusterSpec" in spec:
+            _check_cluster_spec(spec["rayClusterSpec"])
+        words = shlex.split(spec["entrypoint"].split("&&")[-1])
+        module = words[words.index("-m") + 1]
+        assert module in ("jobs.precompute", "jobs.train")
+        assert glob.glob(module.replace(".", "/") + ".py")
+        config = words[words.index("-m") + 2]
+        assert glob.glob(config), f"{path} names {config}, which is not in the repo"
+        from pipeline.config import load_config
+
+        load_config(config, kind=module.split(".")[1])
+
+
+def test_cluster_selector_points_at_the_raycluster():
+    names = {load(p)["metadata"]["name"] for p in MANIFESTS if load(p)["kind"] == "RayCluster"}
+    for p in MANIFESTS:
+        selector = load(p)["spec"].get("clusterSelector")
+        if selector:
+            assert selector["ray.io/cluster"] in names
+
+
+def test_docker_base_image_matches_pinned_ray():
+    text = open("docker/Dockerfile").read()
+    assert re.search(r"^ARG RAY_VERSION=(.+)$", text, re.M).group(1) == pinned_ray()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-", text, re.M)
+    ignored = open(".dockerignore").read().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def test_local_cluster_scripts_exist():
+    for name in ("deploy/local/up.sh", "deploy/local/down.sh", "deploy/local/cluster.py"):
+        assert glob.glob(name)

@@ -182,7 +182,9 @@ def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *,
 def list_jobs(client) -> list[dict[str, Any]]:
     rows = []
     for info in client.list_jobs():
-        rows.append({"job_id": info.submission_id or info.job_id, "status": str(info.status).split(".")[-1],
+        if not info.submission_id:  # a plain driver connection, not a submitted job
+            continue
+        rows.append({"job_id": info.submission_id, "status": str(info.status).split(".")[-1],
                      "stage": (info.metadata or {}).get("distill_stage", "-"), "entrypoint": info.entrypoint,
                      "start_time": info.start_time})
     return sorted(rows, key=lambda r: r["start_time"] or 0)

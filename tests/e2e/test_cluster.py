@@ -119,3 +119,38 @@ def test_unreachable_address_is_one_line(capsys):
     assert main(["jobs", "ls", "--address", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not answer" in err
+
+
+def test_jobs_status_logs_and_stop(cluster, s3, tmp_path, capsys):
+    import time
+
+    from pipeline.cli import main
+
+    url, _ = cluster
+    endpoint, _ = s3
+    t = yaml.safe_load(open(DIGITS_KD))
+    t.pop("precompute")
+    t.update(cache="s3://distill/cache/none", storage={"endpoint_url": endpoint}, name="e2e-stop")
+    assert main(["submit", "train", write_yaml(tmp_path / "t.yaml", t), "--address", url]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert job_id.startswith("distill-train-e2e-stop-")
+    assert main(["jobs", "stop", job_id, "--address", url]) == 0
+    for _ in range(60):
+        main(["jobs", "status", job_id, "--address", url])
+        status = capsys.readouterr().out.strip()
+        if status in ("STOPPED", "FAILED", "SUCCEEDED"):
+            break
+        time.sleep(1)
+    assert status in ("STOPPED", "FAILED")  # stopped, or it had already failed on the missing cache
+    assert main(["jobs", "ls", "--address", url]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--address", url]) == 0
+    assert main(["jobs", "status", "no-such-job", "--address", url]) == 2
+
+
+def test_ray_address_from_environment(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    assert main(["jobs", "ls"]) == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err

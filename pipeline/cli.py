@@ -159,6 +159,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from pipeline.cache.gc import remove_cache
+
+    remove_cache(args.uri)
+    print(f"removed {args.uri}")
+    return 0
+
+
+def cmd_cache_gc(args: argparse.Namespace) -> int:
+    from pipeline.cache.gc import collect_garbage, parse_age
+
+    found = collect_garbage(args.root, parse_age(args.older_than), dry_run=args.dry_run)
+    for c in found:
+        verb = "removed" if c.removed else ("would remove" if args.dry_run and c.age_s > parse_age(args.older_than) else "kept (recent)")
+        print(f"{verb}: {c.uri} (incomplete, last change {c.age_s / 3600:.1f} h ago)")
+    if not found:
+        print(f"no incomplete caches under {args.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distributed knowledge distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cache_show)
+    p = cache.add_parser("rm", help="delete a cache (manifest first)")
+    p.add_argument("uri")
+    p.set_defaults(func=cmd_cache_rm)
+    p = cache.add_parser("gc", help="delete incomplete caches (no manifest) older than an age")
+    p.add_argument("root")
+    p.add_argument("--older-than", default="24h", help="age like 90s, 30m, 24h, 7d (default 24h)")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_cache_gc)
     p = cache.add_parser("verify", help="check every shard against the manifest (exit 0 only when sound)")
     p.add_argument("uri")
     p.set_defaults(func=cmd_cache_verify)

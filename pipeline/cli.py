@@ -53,9 +53,16 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_train_config
-    from pipeline.student.trainer import run_train
+    from pipeline.student.trainer import load_run_config, run_train
 
-    run_train(load_train_config(args.config, args.overrides), address=args.address, overwrite=args.overwrite)
+    if args.resume:
+        if args.config or args.overrides:
+            raise DistillError("--resume takes the run directory alone", "drop CONFIG and --set: the run keeps its config")
+        run_train(load_run_config(args.resume), address=args.address, resume=True)
+    elif not args.config:
+        raise DistillError("no config", "distill train CONFIG, or distill train --resume RUN_DIR")
+    else:
+        run_train(load_train_config(args.config, args.overrides), address=args.address, overwrite=args.overwrite)
     return 0
 
 
@@ -199,9 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser("train", help="stage 2: train a student from the cache")
-    _add_config_args(p)
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set epochs=5 (repeatable)")
     _add_address(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="run a stage on a Ray cluster as a Ray Job")

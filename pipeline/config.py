@@ -164,6 +164,7 @@ class TrainConfig(_Strict):
     job: JobOptions = Field(default_factory=JobOptions)
     seed: int = 0
     shuffle_buffer: int = Field(4096, ge=0)
+    max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before the run fails
 
     @model_validator(mode="after")
     def _one_cache_source(self) -> "TrainConfig":

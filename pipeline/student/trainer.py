@@ -30,6 +30,7 @@ from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
 logger = logging.getLogger(__name__)
 BATCH_DTYPES = {X: torch.float32, LOGITS: torch.float32, LABEL: torch.int64}
 
@@ -110,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (ddp_model.module if hasattr(ddp_model, "module") else ddp_model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
+    resumed_from = start_epoch
 
     # Checked inside the worker: how many workers show any sign of a teacher.
     evidence = teacher_evidence(config.get("teacher_factory"))
@@ -140,6 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": stats["train_samples"] * world / max(train_s, 1e-9),
             **evaluated,
             "workers_with_teacher": workers_with_teacher,
+            "resumed_from_epoch": resumed_from,  # > 0 after a restart from a checkpoint
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
@@ -173,8 +176,22 @@ def _run_storage(path: str):
     return scheme_less, fs
 
 
-def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool = False, log=print) -> TrainResult:
-    """Train one student from the cache; writes checkpoints and `result.json` under storage_path/name."""
+def load_run_config(run_dir: str) -> TrainConfig:
+    """The config a run was started with (written before its first epoch), for `--resume`."""
+    uri = storage.join(run_dir, CONFIG_FILE)
+    if not storage.exists(uri):
+        raise DistillError(f"{run_dir} is not a run directory (no {CONFIG_FILE})",
+                           "pass the directory `distill train` created: <storage_path>/<name>")
+    return TrainConfig.model_validate(json.loads(storage.read_bytes(uri)))
+
+
+def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool = False, resume: bool = False,
+              log=print) -> TrainResult:
+    """Train one student from the cache; writes checkpoints and `result.json` under storage_path/name.
+
+    With `resume`, an interrupted run continues from its latest checkpoint (Ray Train restores
+    a run started again with the same name and storage path).
+    """
     storage.configure(**cfg.storage.model_dump())
     storage.check_reachable(cfg.storage_path, "run storage path")
     cache_uri = resolve_cache_uri(cfg)
@@ -183,11 +200,19 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     check_against_cache(cfg, manifest, cache_uri)
     run_dir = storage.join(cfg.storage_path if not storage.is_local(cfg.storage_path)
                            else storage.local_path(cfg.storage_path), cfg.name or "run")
-    if storage.exists(run_dir):
+    if resume:
+        if storage.exists(storage.join(run_dir, RESULT_FILE)):
+            log(f"{cfg.name} already finished: {storage.join(run_dir, RESULT_FILE)}")
+            return TrainResult(run_dir=run_dir, result=json.loads(storage.read_bytes(storage.join(run_dir, RESULT_FILE))))
+        log(f"resuming {cfg.name} from its latest checkpoint in {run_dir}")
+    elif storage.exists(run_dir):
         if not overwrite:
             raise DistillError(f"run directory {run_dir} already exists",
-                               "pick another name (--set name=...) or pass --overwrite to replace it")
+                               "resume it (distill train --resume RUN_DIR), pick another name (--set name=...) "
+                               "or pass --overwrite to replace it")
         storage.remove_tree(run_dir)
+    if not resume:
+        storage.write_bytes_atomic(storage.join(run_dir, CONFIG_FILE), (json.dumps(cfg.model_dump(), indent=2) + "\n").encode())
     ensure_ray(address)
 
     import ray.train
@@ -216,6 +241,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             storage_path=run_storage_path,
             storage_filesystem=run_storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # A lost worker restarts the worker group from the latest registered checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # Ray Train logs every report at INFO; rank 0 prints one line per epoch instead.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

@@ -1,0 +1,110 @@
+"""Stage 2 under faults: a killed train worker, a killed driver, a half-written checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from tests.conftest import DIGITS_KD, write_yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def _train_yaml(digits_stage1, tmp_path, name, epochs):
+    data = yaml.safe_load(open(DIGITS_KD))
+    data.update(precompute=digits_stage1["config_path"], storage_path=str(tmp_path / "runs"), name=name, epochs=epochs)
+    return write_yaml(tmp_path / f"{name}.yaml", data)
+
+
+def _wait_for_checkpoint(run_dir, timeout=240):
+    """Until Ray Train has registered a checkpoint (its snapshot lists one), not merely begun writing one."""
+    deadline = time.time() + timeout
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint was registered in {run_dir}")
+
+
+def _check_complete(run_dir, epochs):
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epochs"] == epochs
+    assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
+    assert any(h["resumed_from_epoch"] > 0 for h in result["history"])  # a restart really happened
+    assert result["metrics"]["val_accuracy"] > 0.5
+    return result
+
+
+def test_killed_worker_restarts_from_latest_checkpoint(digits_stage1, tmp_path):
+    from ray.util.state import list_actors
+
+    path = _train_yaml(digits_stage1, tmp_path, "kill-worker", epochs=25)
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["train", path])))
+    thread.start()
+    run_dir = tmp_path / "runs" / "kill-worker"
+    _wait_for_checkpoint(run_dir)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    assert workers, "no live train worker found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=360)
+    assert codes == [0]
+    _check_complete(run_dir, 25)
+
+
+def test_killed_driver_then_resume_finishes_all_epochs(digits_stage1, tmp_path):
+    import ray
+
+    path = _train_yaml(digits_stage1, tmp_path, "kill-driver", epochs=25)
+    # A second driver attached to the same cluster, as `distill train` on a cluster would be.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", path,
+                             "--address", ray.get_runtime_context().gcs_address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "kill-driver"
+    try:
+        _wait_for_checkpoint(run_dir)
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (run_dir / "result.json").exists()
+    assert main(["train", str(tmp_path / "runs" / "new-name")]) == 2  # a config path is needed, or --resume
+    assert main(["train", path]) == 2  # the run exists: resume it or overwrite it
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    _check_complete(run_dir, 25)
+    # Resuming a finished run does no work and keeps the result.
+    before = (run_dir / "result.json").read_text()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert (run_dir / "result.json").read_text() == before
+
+
+def test_half_written_checkpoint_is_never_resumed(digits_stage1, tmp_path):
+    path = _train_yaml(digits_stage1, tmp_path, "partial", epochs=2)
+    assert main(["train", path]) == 0
+    run_dir = tmp_path / "runs" / "partial"
+    newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    # A checkpoint interrupted while being written: newer name, truncated state, never registered.
+    broken = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(newest, broken)
+    with open(broken / "state.pt", "r+b") as f:
+        f.truncate(100)
+    # Continue the run for two more epochs from where it stopped.
+    os.remove(run_dir / "result.json")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["epochs"] = 4
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert result["history"][-1]["resumed_from_epoch"] == 2

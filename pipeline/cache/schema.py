@@ -10,3 +10,6 @@ SPLIT = "split"  # not stored in the files: shards live under shards/split=<name
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
+# Beside the shards while a precompute is unfinished, removed once the manifest is published:
+SOURCE_DIR = "_source"  # the source rows staged as Parquet, so the plan starts with a Read
+CHECKPOINT_DIR = "_checkpoint"  # Ray Data's checkpoint: which sample_ids are committed

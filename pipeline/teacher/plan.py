@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
-from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SPLIT, X
+from pipeline.cache.schema import CHECKPOINT_DIR, LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SOURCE_DIR, SPLIT, X
 from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
@@ -34,40 +36,83 @@ class PrecomputeResult:
     manifest: Manifest
 
 
-def _source_dataset(cfg: PrecomputeConfig):
-    """All source rows as one Ray dataset with the standard columns plus `split`."""
+def _stage_source(cfg: PrecomputeConfig, cache_uri: str) -> tuple[str, int]:
+    """Stage all source rows (standard columns plus `split`) as Parquet beside the cache.
+
+    Ray Data checkpoints only plans that start with a Read, so built-in (in-memory) sources are
+    written out once; a user's table is standardised once. Returns (uri, number of files).
+    """
     import ray
     from ray.data.extensions import ArrowTensorArray
 
-    if cfg.source.kind == "parquet":
-        fs, path = storage.arrow_filesystem(cfg.source.uri or "")
-        return ray.data.read_parquet(path, filesystem=fs).map_batches(
-            standardize_parquet_batch, fn_kwargs={"cfg": cfg.source}, batch_format="numpy"
-        )
-    tables = []
-    for split in SPLITS:
-        cols = load_split(cfg.source, split)
-        n = len(cols[LABEL])
-        # Several blocks, so that more than one teacher actor has work and progress is visible.
-        step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
-        tables += [
-            pa.table({
-                SAMPLE_ID: pa.array(cols[SAMPLE_ID][i:i + step].tolist(), pa.string()),
-                X: ArrowTensorArray.from_numpy(cols[X][i:i + step]),
-                LABEL: pa.array(cols[LABEL][i:i + step]),
-                SPLIT: pa.array([split] * len(cols[LABEL][i:i + step]), pa.string()),
-            })
-            for i in range(0, n, step)
-        ]
-    return ray.data.from_arrow(tables)
+    uri = storage.join(cache_uri, SOURCE_DIR)
+    marker = storage.join(uri, "_SUCCESS")
+    fs, path = storage.arrow_filesystem(uri)
+    if not storage.exists(marker):
+        storage.remove_tree(uri)
+        if cfg.source.kind == "parquet":
+            src_fs, src_path = storage.arrow_filesystem(cfg.source.uri or "")
+            ray.data.read_parquet(src_path, filesystem=src_fs).map_batches(
+                standardize_parquet_batch, fn_kwargs={"cfg": cfg.source}, batch_format="numpy"
+            ).write_parquet(path, filesystem=fs)
+        else:
+            fs.create_dir(path)
+            for split in SPLITS:
+                cols = load_split(cfg.source, split)
+                n = len(cols[LABEL])
+                # Several files, so that more than one teacher actor has work, progress is visible
+                # and a resumed run loses at most a file's worth of rows.
+                step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
+                for i in range(0, n, step):
+                    pq.write_table(pa.table({
+                        SAMPLE_ID: pa.array(cols[SAMPLE_ID][i:i + step].tolist(), pa.string()),
+                        X: ArrowTensorArray.from_numpy(cols[X][i:i + step]),
+                        LABEL: pa.array(cols[LABEL][i:i + step]),
+                        SPLIT: pa.array([split] * len(cols[LABEL][i:i + step]), pa.string()),
+                    }), f"{path}/{split}-{i // step:05d}.parquet", filesystem=fs)
+        storage.write_bytes_atomic(marker, b"")
+    listing_fs, listing_path = storage.filesystem(uri)
+    return uri, len([p for p in listing_fs.find(listing_path) if p.endswith(".parquet")])
+
+
+@contextmanager
+def _checkpointing(cache_uri: str):
+    """Ray Data checkpointing keyed by sample_id for datasets built inside the block."""
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    fs, path = storage.arrow_filesystem(storage.join(cache_uri, CHECKPOINT_DIR))
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.checkpoint_config
+    ctx.checkpoint_config = CheckpointConfig(id_column=SAMPLE_ID, checkpoint_path=path, override_filesystem=fs,
+                                             delete_checkpoint_on_success=True)
+    try:
+        yield
+    finally:
+        ctx.checkpoint_config = saved
+
+
+def committed_rows(cache_uri: str) -> int:
+    """Rows an earlier, interrupted attempt committed (Ray Data skips them on resume)."""
+    fs, path = storage.filesystem(storage.join(cache_uri, CHECKPOINT_DIR))
+    if not fs.exists(path):
+        return 0
+    total = 0
+    for f in fs.find(path):
+        if f.endswith(".parquet") and not f.endswith(".pending.parquet"):
+            with fs.open(f, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
 def _clear(uri: str) -> None:
-    """Remove a previous attempt. The manifest goes first, so no reader sees a complete cache while shards change."""
+    """Remove every trace of earlier attempts. The manifest goes first, so no reader sees a
+    complete cache while the shards change."""
     fs, path = storage.filesystem(manifest_uri(uri))
     if fs.exists(path):
         fs.rm(path)
-    storage.remove_tree(storage.join(uri, SHARDS_DIR))
+    for sub in (SHARDS_DIR, SOURCE_DIR, CHECKPOINT_DIR):
+        storage.remove_tree(storage.join(uri, sub))
 
 
 def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str | None = None,
@@ -82,45 +127,58 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
         return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
     if cfg.teacher.weights is None:
         log("warning: the teacher has no `weights`; its outputs come from random initialisation")
-    log(f"cache miss: computing {target.uri} ({sum(target.source.rows.values())} rows)")
-    _clear(target.uri)
+    rows_total = sum(target.source.rows.values())
+    if force:
+        _clear(target.uri)
     ensure_ray(address)
 
     import ray
 
+    # An earlier attempt that did not finish left committed rows and a checkpoint: resume it.
+    skipped = committed_rows(target.uri)
+    if skipped:
+        log(f"resuming {target.uri}: {skipped} of {rows_total} rows are already done")
+    else:
+        log(f"cache miss: computing {target.uri} ({rows_total} rows)")
+    source_uri, source_files = _stage_source(cfg, target.uri)
     shards_uri = storage.join(target.uri, SHARDS_DIR)
     fs, shards_path = storage.arrow_filesystem(shards_uri)
+    src_fs, src_path = storage.arrow_filesystem(source_uri)
     started = time.time()
-    ds = _source_dataset(cfg).map_batches(
-        TeacherPredictor,
-        fn_constructor_kwargs={
-            "teacher": cfg.teacher.model_dump(exclude={"fit"}),
-            "input_shape": target.source.input_shape,
-            "num_classes": target.source.num_classes,
-            "logits_dtype": cfg.outputs.logits.dtype,
-            "use_gpu": cfg.gpus_per_actor > 0,
-            "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
-            "storage_options": storage.options(),
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor,
-        resources=cfg.actor_resources or None,
-    )
-    try:
-        # One pass over all rows; the split becomes the directory (shards/split=train/...).
-        ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
-                         max_rows_per_file=cfg.rows_per_shard)
-    except Exception as e:
-        raise DistillError(f"the teacher stage failed: {_root_cause(e)}",
-                           "see the Ray logs above; nothing was published, run again once fixed") from None
+    with _checkpointing(target.uri):
+        ds = ray.data.read_parquet(src_path, filesystem=src_fs, override_num_blocks=max(source_files, 1)).map_batches(
+            TeacherPredictor,
+            fn_constructor_kwargs={
+                "teacher": cfg.teacher.model_dump(exclude={"fit"}),
+                "input_shape": target.source.input_shape,
+                "num_classes": target.source.num_classes,
+                "logits_dtype": cfg.outputs.logits.dtype,
+                "use_gpu": cfg.gpus_per_actor > 0,
+                "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
+                "storage_options": storage.options(),
+            },
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            resources=cfg.actor_resources or None,
+        )
+        try:
+            # One pass over all rows; the split becomes the directory (shards/split=train/...).
+            ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
+                             max_rows_per_file=cfg.rows_per_shard)
+        except Exception as e:
+            raise DistillError(f"the teacher stage failed: {_root_cause(e)}",
+                               "see the Ray logs above; nothing was published, run again to resume") from None
     wall = time.time() - started
-    manifest = _publish(cfg, target, wall)
+    computed = rows_total - skipped
+    manifest = _publish(cfg, target, wall, {"rows_computed": computed, "rows_resumed": skipped,
+                                            "fraction_computed": round(computed / max(rows_total, 1), 4)})
+    storage.remove_tree(source_uri)
     log(f"wrote {manifest.rows} rows in {len(manifest.shards)} shards ({manifest.bytes / 1e6:.1f} MB) "
-        f"in {wall:.1f}s, {manifest.rows / max(wall, 1e-9):.0f} rows/s: {target.uri}")
-    return PrecomputeResult(uri=target.uri, hit=False, rows_computed=manifest.rows, manifest=manifest)
+        f"in {wall:.1f}s, {computed / max(wall, 1e-9):.0f} rows/s: {target.uri}")
+    return PrecomputeResult(uri=target.uri, hit=False, rows_computed=computed, manifest=manifest)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -135,7 +193,7 @@ def _root_cause(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifest:
+def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float, resume_stats: dict) -> Manifest:
     """Checksum every shard, check the row counts against the source, then write the manifest."""
     import ray
 
@@ -146,8 +204,8 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifes
         shards.append(ShardEntry(path=rel, split=split_of_shard(rel), rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256))
     rows_by_split = {s: sum(e.rows for e in shards if e.split == s) for s in SPLITS}
     if rows_by_split != target.source.rows:
-        raise DistillError(f"the teacher stage wrote {rows_by_split} rows, the source has {target.source.rows}",
-                           "nothing was published; run again with --force")
+        raise DistillError(f"the cache's shards hold {rows_by_split} rows, the source has {target.source.rows}",
+                           "nothing was published; recompute from scratch with --force")
     devices = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
     manifest = Manifest(
         cache_id=target.cache_id,
@@ -160,9 +218,9 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float) -> Manifes
         rows_by_split=rows_by_split,
         columns=columns or {},
         shards=shards,
-        stats={"wall_s": round(wall, 3), "rows_per_s": round(sum(rows_by_split.values()) / max(wall, 1e-9), 1),
+        stats={"wall_s": round(wall, 3), "rows_per_s": round(resume_stats["rows_computed"] / max(wall, 1e-9), 1),
                "devices": devices, "num_actors": cfg.num_actors, "ray_job_id": ray.get_runtime_context().get_job_id(),
-               "teacher_nodes": _teacher_nodes()},
+               "teacher_nodes": _teacher_nodes(), **resume_stats},
         config=cfg.model_dump(),
     )
     write_manifest(target.uri, manifest)

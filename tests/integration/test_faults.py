@@ -108,3 +108,52 @@ def test_half_written_checkpoint_is_never_resumed(digits_stage1, tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
     assert result["history"][-1]["resumed_from_epoch"] == 2
+
+
+def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session, tmp_path):
+    """Stage 1 killed once its first shards exist; the rerun computes only what is missing."""
+    import glob
+
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from pipeline.cache.identity import resolve_target
+    from pipeline.cache.verify import verify_cache
+    from pipeline.config import load_precompute_config
+    from pipeline.models.builtin import heavy_cnn
+    from pipeline.models.factory import save_state
+    from pipeline.teacher.plan import run_precompute
+
+    torch.manual_seed(0)
+    save_state(heavy_cnn(width=128), str(tmp_path / "heavy.pt"))
+    cfg_data = {"source": {"kind": "mnist"}, "cache_root": str(tmp_path / "cache"), "batch_size": 128,
+                "teacher": {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": 128},
+                            "weights": str(tmp_path / "heavy.pt")}}
+    path = write_yaml(tmp_path / "pre.yaml", cfg_data)
+    uri = resolve_target(load_precompute_config(path)).uri
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "precompute", path,
+                             "--address", ray.get_runtime_context().gcs_address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(f"{uri}/shards/split=*/*.parquet") and time.time() < deadline:
+            time.sleep(0.2)
+        assert glob.glob(f"{uri}/shards/split=*/*.parquet"), "no shard appeared before the deadline"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not os.path.exists(f"{uri}/manifest.json")
+    with pytest.raises(Exception):
+        from pipeline.cache.manifest import read_manifest
+
+        read_manifest(uri)  # a reader never takes the partial cache for a complete one
+
+    result = run_precompute(load_precompute_config(path))
+    stats = result.manifest.stats
+    assert 0 < result.rows_computed < 5000 and stats["rows_resumed"] == 5000 - result.rows_computed
+    assert stats["fraction_computed"] < 1.0
+    ids = [i for f in glob.glob(f"{uri}/shards/split=*/*.parquet") for i in pq.read_table(f).column("sample_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 5000  # rows lost 0, rows duplicated 0
+    assert verify_cache(uri) == []
+    assert not os.path.exists(f"{uri}/_checkpoint") and not os.path.exists(f"{uri}/_source")

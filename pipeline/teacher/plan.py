@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
+from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
 from pipeline.cache.schema import CHECKPOINT_DIR, LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SOURCE_DIR, SPLIT, X
 from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
@@ -127,6 +128,31 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
         return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
     if cfg.teacher.weights is None:
         log("warning: the teacher has no `weights`; its outputs come from random initialisation")
+    lock = CacheLock(target.uri)
+    waiting = False
+    while not lock.try_acquire():
+        if not force and storage.exists(manifest_uri(target.uri)):
+            log(f"cache hit: {target.uri} (published by another run while this one waited)")
+            return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
+        record = lock.holder()
+        if record and CacheLock.is_stale(record):
+            log(f"taking over the stale lock of {record.get('owner')} (no heartbeat for {CacheLock.stale_hint()})")
+            lock.break_stale()
+        elif record and not waiting:
+            log(f"waiting: another precompute of this cache is running ({record.get('owner')})")
+            waiting = True
+        time.sleep(1.0)
+    try:
+        if not force and storage.exists(manifest_uri(target.uri)):
+            log(f"cache hit: {target.uri} (published by another run while this one waited)")
+            return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
+        return _compute(cfg, target, force=force, address=address, log=log)
+    finally:
+        lock.release()
+
+
+def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address: str | None, log) -> PrecomputeResult:
+    """The teacher pass, under the cache's lock."""
     rows_total = sum(target.source.rows.values())
     if force:
         _clear(target.uri)

@@ -110,31 +110,50 @@ def test_half_written_checkpoint_is_never_resumed(digits_stage1, tmp_path):
     assert result["history"][-1]["resumed_from_epoch"] == 2
 
 
-def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session, tmp_path):
-    """Stage 1 killed once its first shards exist; the rerun computes only what is missing."""
+def _heavy_precompute_yaml(tmp_path):
+    """A teacher slow enough here (about 20 s for 5,000 rows) that a run can be interrupted."""
+    import torch
+
+    from pipeline.models.builtin import heavy_cnn
+    from pipeline.models.factory import save_state
+
+    torch.manual_seed(0)
+    save_state(heavy_cnn(width=128), str(tmp_path / "heavy.pt"))
+    return write_yaml(tmp_path / "pre.yaml", {
+        "source": {"kind": "mnist"}, "cache_root": str(tmp_path / "cache"), "batch_size": 128,
+        "teacher": {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": 128},
+                    "weights": str(tmp_path / "heavy.pt")}})
+
+
+def _driver(path):
+    """`distill precompute` in another process, attached to this session's cluster."""
+    import ray
+
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "precompute", path,
+                             "--address", ray.get_runtime_context().gcs_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _shard_ids(uri):
     import glob
 
     import pyarrow.parquet as pq
-    import ray
-    import torch
+
+    return [i for f in glob.glob(f"{uri}/shards/split=*/*.parquet") for i in pq.read_table(f).column("sample_id").to_pylist()]
+
+
+def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session, tmp_path, monkeypatch):
+    """Stage 1 killed once its first shards exist; the rerun computes only what is missing."""
+    import glob
 
     from pipeline.cache.identity import resolve_target
     from pipeline.cache.verify import verify_cache
     from pipeline.config import load_precompute_config
-    from pipeline.models.builtin import heavy_cnn
-    from pipeline.models.factory import save_state
     from pipeline.teacher.plan import run_precompute
 
-    torch.manual_seed(0)
-    save_state(heavy_cnn(width=128), str(tmp_path / "heavy.pt"))
-    cfg_data = {"source": {"kind": "mnist"}, "cache_root": str(tmp_path / "cache"), "batch_size": 128,
-                "teacher": {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": 128},
-                            "weights": str(tmp_path / "heavy.pt")}}
-    path = write_yaml(tmp_path / "pre.yaml", cfg_data)
+    path = _heavy_precompute_yaml(tmp_path)
     uri = resolve_target(load_precompute_config(path)).uri
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "precompute", path,
-                             "--address", ray.get_runtime_context().gcs_address],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _driver(path)
     try:
         deadline = time.time() + 240
         while not glob.glob(f"{uri}/shards/split=*/*.parquet") and time.time() < deadline:
@@ -149,11 +168,40 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
 
         read_manifest(uri)  # a reader never takes the partial cache for a complete one
 
+    monkeypatch.setattr("pipeline.cache.lock.STALE_S", 2.0)  # the dead driver's lock goes stale quickly
     result = run_precompute(load_precompute_config(path))
     stats = result.manifest.stats
     assert 0 < result.rows_computed < 5000 and stats["rows_resumed"] == 5000 - result.rows_computed
     assert stats["fraction_computed"] < 1.0
-    ids = [i for f in glob.glob(f"{uri}/shards/split=*/*.parquet") for i in pq.read_table(f).column("sample_id").to_pylist()]
+    ids = _shard_ids(uri)
     assert len(ids) == len(set(ids)) == 5000  # rows lost 0, rows duplicated 0
     assert verify_cache(uri) == []
     assert not os.path.exists(f"{uri}/_checkpoint") and not os.path.exists(f"{uri}/_source")
+
+
+def test_two_precomputes_of_one_cache_at_once(ray_session, tmp_path):
+    """One publishes; the other waits on the lock and finds the hit. Nothing is written twice."""
+    from pipeline.cache.identity import resolve_target
+    from pipeline.cache.verify import verify_cache
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.plan import run_precompute
+
+    path = _heavy_precompute_yaml(tmp_path)
+    uri = resolve_target(load_precompute_config(path)).uri
+    other = _driver(path)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(f"{uri}/_lock.json") and time.time() < deadline:
+            time.sleep(0.1)
+        lines = []
+        result = run_precompute(load_precompute_config(path), log=lines.append)
+        output, _ = other.communicate(timeout=300)
+    finally:
+        other.kill()
+    assert other.returncode == 0, output
+    assert result.hit and result.rows_computed == 0
+    assert any(line.startswith("waiting: another precompute") for line in lines)
+    assert "wrote 5000 rows" in output
+    ids = _shard_ids(uri)
+    assert len(ids) == len(set(ids)) == 5000
+    assert verify_cache(uri) == [] and not os.path.exists(f"{uri}/_lock.json")

@@ -205,3 +205,33 @@ def test_two_precomputes_of_one_cache_at_once(ray_session, tmp_path):
     ids = _shard_ids(uri)
     assert len(ids) == len(set(ids)) == 5000
     assert verify_cache(uri) == [] and not os.path.exists(f"{uri}/_lock.json")
+
+
+def test_lost_teacher_actor_is_restarted_without_losing_rows(ray_session, tmp_path):
+    from ray.util.state import list_actors
+
+    from pipeline.cache.identity import resolve_target
+    from pipeline.cache.verify import verify_cache
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.plan import run_precompute
+
+    path = _heavy_precompute_yaml(tmp_path)
+    cfg = load_precompute_config(path)
+    uri = resolve_target(cfg).uri
+    results = []
+    thread = threading.Thread(target=lambda: results.append(run_precompute(cfg, log=lambda _: None)))
+    thread.start()
+    deadline = time.time() + 120
+    victims = []
+    while not victims and time.time() < deadline:
+        victims = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(TeacherPredictor))"),
+                                       ("state", "=", "ALIVE")], detail=True)
+        time.sleep(0.5)
+    assert victims, "the teacher actor never started"
+    time.sleep(3)  # mid-batch
+    os.kill(victims[0].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert results and not results[0].hit
+    ids = _shard_ids(uri)
+    assert len(ids) == len(set(ids)) == 5000
+    assert verify_cache(uri) == []

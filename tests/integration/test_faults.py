@@ -232,6 +232,8 @@ def test_lost_teacher_actor_is_restarted_without_losing_rows(ray_session, tmp_pa
     os.kill(victims[0].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert results and not results[0].hit
+    [victim] = list_actors(filters=[("actor_id", "=", victims[0].actor_id)], detail=True)
+    assert victim.num_restarts >= 1  # the kill landed mid-run, and Ray restarted the actor
     ids = _shard_ids(uri)
     assert len(ids) == len(set(ids)) == 5000
     assert verify_cache(uri) == []

@@ -128,6 +128,16 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
         return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
     if cfg.teacher.weights is None:
         log("warning: the teacher has no `weights`; its outputs come from random initialisation")
+    try:
+        return _under_lock(cfg, target, force=force, address=address, log=log)
+    except (PermissionError, OSError) as e:  # a permanent storage error that outlived the retries
+        raise DistillError(f"storage error while writing {target.uri}: {type(e).__name__}: {e}",
+                           "check the bucket's permissions and health; nothing was published, "
+                           "run again to resume") from None
+
+
+def _under_lock(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address: str | None, log) -> PrecomputeResult:
+    """Take the cache's lock (waiting for another run, or taking over a stale lock), then compute."""
     lock = CacheLock(target.uri)
     waiting = False
     while not lock.try_acquire():

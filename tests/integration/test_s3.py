@@ -82,3 +82,60 @@ def test_missing_bucket_and_credentials_are_one_line(digits_stage1, s3, tmp_path
     pre.update(storage={"endpoint_url": "http://127.0.0.1:9"})
     assert main(["precompute", write_yaml(tmp_path / "pre.yaml", pre)]) == 2
     assert "does not answer" in capsys.readouterr().err
+
+
+def test_transient_s3_errors_are_retried_without_losing_or_duplicating_rows(digits_stage1, s3, tmp_path):
+    """Every 4th request to the bucket is throttled (503 SlowDown), every 9th dropped without an answer."""
+    from pipeline.cache.verify import verify_cache
+    from tests.s3server import FlakyProxy
+
+    endpoint, fs = s3
+
+    def fail(method, path, n):
+        if n % 9 == 0:
+            return "drop"
+        return (503, "SlowDown") if n % 4 == 0 else None
+
+    proxy = FlakyProxy(endpoint, fail)
+    try:
+        fs.put(str(digits_stage1["root"] / "teacher.pt"), "distill/teachers/digits.pt")
+        pre = yaml.safe_load(open(digits_stage1["config_path"]))
+        pre.update(cache_root="s3://distill/flaky", storage={"endpoint_url": proxy.endpoint})
+        pre["teacher"]["weights"] = "s3://distill/teachers/digits.pt"
+        pre_path = write_yaml(tmp_path / "pre.yaml", pre)
+        assert main(["precompute", pre_path]) == 0
+        [cache] = fs.ls("distill/flaky")
+        import pyarrow.parquet as pq
+
+        manifest = json.loads(fs.cat(f"{cache}/manifest.json"))
+        ids = [i for s in manifest["shards"] for i in pq.read_table(fs.open(f"{cache}/{s['path']}")).column("sample_id").to_pylist()]
+        assert len(ids) == len(set(ids)) == 1797
+        storage.configure(endpoint_url=endpoint)
+        assert verify_cache(f"s3://{cache}") == []
+        train = yaml.safe_load(open(DIGITS_KD))
+        train.update(precompute=pre_path, storage_path="s3://distill/flaky-runs", storage={"endpoint_url": proxy.endpoint},
+                     name="flaky", epochs=2)
+        assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
+        assert json.loads(fs.cat("distill/flaky-runs/flaky/result.json"))["epochs"] == 2
+        assert len(proxy.failed) > 10  # the faults really happened
+    finally:
+        proxy.close()
+
+
+def test_permanent_s3_error_stops_clearly_and_publishes_nothing(digits_stage1, s3, tmp_path, capsys):
+    from tests.s3server import FlakyProxy
+
+    endpoint, fs = s3
+    proxy = FlakyProxy(endpoint, lambda method, path, n: (403, "AccessDenied")
+                       if method in ("PUT", "POST") and "/denied/" in path else None)
+    try:
+        fs.put(str(digits_stage1["root"] / "teacher.pt"), "distill/teachers/digits.pt")
+        pre = yaml.safe_load(open(digits_stage1["config_path"]))
+        pre.update(cache_root="s3://distill/denied", storage={"endpoint_url": proxy.endpoint})
+        pre["teacher"]["weights"] = "s3://distill/teachers/digits.pt"
+        assert main(["precompute", write_yaml(tmp_path / "pre.yaml", pre)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: ") and "nothing was published" in err
+        assert not fs.exists("distill/denied") or not fs.glob("distill/denied/**/manifest.json")
+    finally:
+        proxy.close()

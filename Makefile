@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-e2e bench cluster-up cluster-down clean
+.PHONY: install demo test test-unit test-e2e bench bench-resume cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ cluster-down:
 
 bench: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.stages
+
+bench-resume: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.resume
 
 clean:
 	rm -rf runs .pytest_cache

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=2)
     table = ("| rows | committed when killed | computed on resume | fraction computed on resume | committed rows computed again |\n"
              "|---|---|---|---|---|\n"
-             f"| {total} | {at_kill} | {stats['rows_computed']} | {stats['fraction_computed']:.2f} | {report["committed_rows_computed_again"]} |")
+             f"| {total} | {at_kill} | {stats['rows_computed']} | {stats['fraction_computed']:.2f} | {report['committed_rows_computed_again']} |")
     with open(os.path.join(args.out, "resume.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table)

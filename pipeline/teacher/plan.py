@@ -1,6 +1,8 @@
 """Stage 1: the Ray Data plan that runs the teacher once and publishes the cache.
 
-source rows -> actor pool running the teacher -> Parquet shards -> checksums -> manifest (last).
+Under the cache's lock: source rows staged as Parquet -> read -> actor pool running the
+teacher -> Parquet shards, checkpointed by sample_id so an interrupted run resumes ->
+checksums -> manifest, written last.
 """
 
 from __future__ import annotations

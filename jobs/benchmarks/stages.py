@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     x_all = np.concatenate([load_split(pre.source, s)["x"] for s in ("train", "val")])
     print(f"stage 1: bare inference loop over {len(x_all)} rows", flush=True)
     bare_rows = bare_inference_rows_per_s(x_all, weights, args.batch_size, threads=1)
-    print(f"stage 1: the Ray Data pipeline over the same rows", flush=True)
+    print("stage 1: the Ray Data pipeline over the same rows", flush=True)
     started = time.perf_counter()
     result = run_precompute(pre, force=True)
     pipe_rows = result.manifest.rows / (time.perf_counter() - started)

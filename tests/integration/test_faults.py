@@ -163,9 +163,10 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
         proc.kill()
         proc.wait()
     assert not os.path.exists(f"{uri}/manifest.json")
-    with pytest.raises(Exception):
-        from pipeline.cache.manifest import read_manifest
+    from pipeline.cache.manifest import read_manifest
+    from pipeline.errors import DistillError
 
+    with pytest.raises(DistillError, match="incomplete cache"):
         read_manifest(uri)  # a reader never takes the partial cache for a complete one
 
     monkeypatch.setattr("pipeline.cache.lock.STALE_S", 2.0)  # the dead driver's lock goes stale quickly

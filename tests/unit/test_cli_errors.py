@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import yaml
 
 from pipeline.cache.manifest import manifest_uri

@@ -20,7 +20,7 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Ten
                 optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One pass; returns the sample-weighted mean of every loss term and the sample count."""
     model.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     samples = 0
     for batch in batches:
         logits = model(batch[X])
@@ -30,9 +30,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Ten
         optimizer.step()
         n = len(batch[X])
         samples += n
+        # Summed on the device: a float() here would sync a GPU on every step.
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
-    return {**{f"train_{k}": v / max(samples, 1) for k, v in sums.items()}, "train_samples": samples}
+            sums[name] = sums.get(name, 0.0) + value.detach() * n
+    return {**{f"train_{k}": float(v) / max(samples, 1) for k, v in sums.items()}, "train_samples": samples}
 
 
 def eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -143,7 +143,7 @@ def _shard_ids(uri):
 
 
 def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session, tmp_path, monkeypatch):
-    """Stage 1 killed once its first shards exist; the rerun computes only what is missing."""
+    """Stage 1 killed once its first shards are committed; the rerun computes only what is missing."""
     import glob
 
     from pipeline.cache.identity import resolve_target
@@ -154,11 +154,14 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
     path = _heavy_precompute_yaml(tmp_path)
     uri = resolve_target(load_precompute_config(path)).uri
     proc = _driver(path)
+    from pipeline.teacher.plan import committed_rows
+
     try:
+        # Kill once a first block is committed (a shard file alone may still be uncommitted).
         deadline = time.time() + 240
-        while not glob.glob(f"{uri}/shards/split=*/*.parquet") and time.time() < deadline:
+        while committed_rows(uri) == 0 and time.time() < deadline:
             time.sleep(0.2)
-        assert glob.glob(f"{uri}/shards/split=*/*.parquet"), "no shard appeared before the deadline"
+        assert glob.glob(f"{uri}/shards/split=*/*.parquet") and committed_rows(uri) > 0, "nothing committed in time"
     finally:
         proc.kill()
         proc.wait()

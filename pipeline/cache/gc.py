@@ -16,9 +16,7 @@ def remove_cache(uri: str) -> None:
     """Delete a cache, manifest first, so no reader ever sees a complete-looking cache lose its shards."""
     if not storage.exists(uri):
         raise DistillError(f"no cache at {uri}", "check the URI (distill cache ls ROOT)")
-    fs, path = storage.filesystem(manifest_uri(uri))
-    if fs.exists(path):
-        fs.rm(path)
+    storage.remove_file(manifest_uri(uri))
     storage.remove_tree(uri)
 
 

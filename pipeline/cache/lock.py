@@ -63,11 +63,7 @@ class CacheLock:
         return time.time() - float(record.get("heartbeat", 0)) > STALE_S
 
     def break_stale(self) -> None:
-        fs, path = storage.filesystem(self.uri)
-        try:
-            fs.rm(path)
-        except FileNotFoundError:
-            pass
+        storage.remove_file(self.uri)
 
     def release(self) -> None:
         self._stop.set()

@@ -115,6 +115,15 @@ def sha256_of(uri_or_path: str, fs: fsspec.AbstractFileSystem | None = None, chu
     return h.hexdigest()
 
 
+def remove_file(uri: str) -> None:
+    """Delete one object if it is there (a manifest, a lock)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):

@@ -111,9 +111,7 @@ def committed_rows(cache_uri: str) -> int:
 def _clear(uri: str) -> None:
     """Remove every trace of earlier attempts. The manifest goes first, so no reader sees a
     complete cache while the shards change."""
-    fs, path = storage.filesystem(manifest_uri(uri))
-    if fs.exists(path):
-        fs.rm(path)
+    storage.remove_file(manifest_uri(uri))
     for sub in (SHARDS_DIR, SOURCE_DIR, CHECKPOINT_DIR):
         storage.remove_tree(storage.join(uri, sub))
 

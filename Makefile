@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-e2e bench bench-resume cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-resume cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo
+
+methods: $(STAMP)
+	$(BIN)/python -m jobs.methods
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -39,7 +39,7 @@ def cmd_fit_teacher(args: argparse.Namespace) -> int:
     from pipeline.config import load_precompute_config
     from pipeline.teacher.fit import fit_teacher
 
-    fit_teacher(load_precompute_config(args.config, args.overrides))
+    fit_teacher(load_precompute_config(args.config, args.overrides), name=args.name)
     return 0
 
 
@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the resolved config")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("fit-teacher", help="train and save the teacher named in a precompute config")
+    p = sub.add_parser("fit-teacher", help="train and save the teachers named in a precompute config")
     _add_config_args(p)
+    p.add_argument("--name", help="fit only this teacher (`teacher` or a key of `teachers`); default: all")
     p.set_defaults(func=cmd_fit_teacher)
 
     p = sub.add_parser("precompute", help="stage 1: run the teacher once and write the cache")

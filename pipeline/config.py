@@ -7,6 +7,7 @@ with `--set field=value` on the command line.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -16,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import DistillError
 
 # Loss terms the student stage knows; each maps to a function in pipeline/student/losses.py.
-KNOWN_LOSS_TERMS = ("kd", "ce")
+KNOWN_LOSS_TERMS = ("kd", "ce", "deit_hard", "hint", "attention", "rkd")
+PRIMARY_TEACHER = "teacher"  # the name of `teacher:`; its logits column is `teacher_logits`
+_NAME = r"^[a-z][a-z0-9_]*$"
 
 
 class _Strict(BaseModel):
@@ -99,15 +102,42 @@ class LogitsOutput(_Strict):
     dtype: Literal["float16", "float32"] = "float16"
 
 
+class TapOutput(_Strict):
+    """An intermediate signal of a teacher, captured by a forward hook on `module`.
+
+    `feature` stores the activation (pooled to `pool` if set), `attention` the Zagoruyko &
+    Komodakis map mean_c |A|^p (resized to `pool`), `embedding` one vector per row. All float16.
+    """
+
+    name: str = Field(pattern=_NAME)  # what train configs call it; unique in the cache
+    module: str  # qualified name from teacher.named_modules(), e.g. "5" or "layer3.1.conv2"
+    kind: Literal["feature", "attention", "embedding"] = "feature"
+    pool: list[int] | None = Field(None, min_length=2, max_length=2)
+    p: float = Field(2.0, gt=0)
+    teacher: str = PRIMARY_TEACHER  # which teacher of the cache
+
+
 class OutputsConfig(_Strict):
     """What stage 1 stores per row. Content-defining: part of the cache key."""
 
     logits: LogitsOutput = Field(default_factory=LogitsOutput)
+    taps: list[TapOutput] = Field(default_factory=list)
+
+    @field_validator("taps")
+    @classmethod
+    def _unique_names(cls, v: list[TapOutput]) -> list[TapOutput]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tap names must be unique, repeated: {dup}")
+        return v
 
 
 class PrecomputeConfig(_Strict):
     source: SourceConfig
     teacher: TeacherConfig
+    # More teachers computed in the same pass; columns are namespaced `<name>_logits`.
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     cache_root: str = "runs/cache"
     storage: StorageOptions = Field(default_factory=StorageOptions)
@@ -120,12 +150,60 @@ class PrecomputeConfig(_Strict):
     actor_resources: dict[str, float] = Field(default_factory=dict)
     rows_per_shard: int = Field(50_000, ge=1)
 
+    @model_validator(mode="after")
+    def _teacher_names(self) -> "PrecomputeConfig":
+        for name in self.teachers:
+            if name == PRIMARY_TEACHER or not re.match(_NAME, name):
+                raise ValueError(f"teacher name {name!r} must match {_NAME} and differ from {PRIMARY_TEACHER!r}")
+        unknown = sorted({t.teacher for t in self.outputs.taps} - set(self.all_teachers))
+        if unknown:
+            raise ValueError(f"outputs.taps name unknown teacher(s) {unknown}; teachers: {list(self.all_teachers)}")
+        return self
+
+    @property
+    def all_teachers(self) -> dict[str, TeacherConfig]:
+        return {PRIMARY_TEACHER: self.teacher, **self.teachers}
+
+
+class TapMatch(_Strict):
+    """A student module paired with a tap the cache stores."""
+
+    student: str  # qualified name from student.named_modules()
+    tap: str  # the tap's `name` in the precompute config (see `distill cache show`)
+
+
+class RkdOptions(TapMatch):
+    distance_weight: float = Field(1.0, ge=0)  # lambda_D of Park et al. (2019)
+    angle_weight: float = Field(2.0, ge=0)  # lambda_A
+
 
 class LossConfig(_Strict):
-    """Weighted loss terms. `kd` is alpha in alpha*T^2*KL + (1-alpha)*CE; `ce` is 1-alpha."""
+    """Weighted loss terms. `kd` is alpha in alpha*T^2*KL + (1-alpha)*CE; `ce` is 1-alpha.
+
+    `hint`, `attention` and `rkd` need their layer pairs below; `deit_hard` needs only logits.
+    """
 
     temperature: float = Field(4.0, gt=0)
     terms: dict[str, float] = Field(default_factory=lambda: {"kd": 0.7, "ce": 0.3})
+    hint: list[TapMatch] = Field(default_factory=list)  # FitNets: adapter(student) ~ teacher feature
+    hint_adapter: Literal["auto", "linear", "conv1x1"] = "auto"
+    attention: list[TapMatch] = Field(default_factory=list)  # attention transfer pairs
+    rkd: RkdOptions | None = None  # relational KD on embeddings
+    # Teachers whose logits the kd/deit_hard targets use, with weights (None: the primary `teacher` only).
+    teachers: dict[str, float] | None = None
+    # average: KL to the weighted mean of the teachers' softened distributions;
+    # per_teacher: the weighted sum of one KL term per teacher.
+    multi_teacher: Literal["average", "per_teacher"] = "average"
+
+    @model_validator(mode="after")
+    def _pairs_for_terms(self) -> "LossConfig":
+        for term, pairs in (("hint", self.hint), ("attention", self.attention), ("rkd", self.rkd)):
+            if self.terms.get(term, 0) > 0 and not pairs:
+                raise ValueError(f"loss term `{term}` needs `loss.{term}` (student module and cache tap to match)")
+        if self.teachers is not None and (not self.teachers or any(w < 0 for w in self.teachers.values())
+                                          or sum(self.teachers.values()) <= 0):
+            raise ValueError("`loss.teachers` needs at least one teacher with a positive weight")
+        return self
 
     @field_validator("terms")
     @classmethod

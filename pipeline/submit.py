@@ -78,6 +78,7 @@ def _absolute_local_paths(cfg: PrecomputeConfig | TrainConfig) -> PrecomputeConf
         return cfg.model_copy(update={
             "cache_root": fix(cfg.cache_root),
             "teacher": cfg.teacher.model_copy(update={"weights": fix(cfg.teacher.weights)}),
+            "teachers": {n: t.model_copy(update={"weights": fix(t.weights)}) for n, t in cfg.teachers.items()},
             "source": cfg.source.model_copy(update={"uri": fix(cfg.source.uri)}),
         })
     return cfg.model_copy(update={"cache": fix(cfg.cache), "storage_path": fix(cfg.storage_path),

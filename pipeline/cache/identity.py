@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.cache import storage
 from pipeline.cache.key import cache_identity, cache_key
-from pipeline.config import PrecomputeConfig
+from pipeline.config import ModelSpec, PrecomputeConfig
 from pipeline.data.sources import SourceInfo, describe
 from pipeline.models.factory import weights_digest
 
@@ -25,16 +25,25 @@ class CacheTarget:
     source: SourceInfo
 
 
-def teacher_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
-    return {"factory": cfg.teacher.factory, "kwargs": cfg.teacher.kwargs, "weights_sha256": weights_digest(cfg.teacher.weights)}
+def teacher_identity(teacher: ModelSpec) -> dict[str, Any]:
+    return {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights)}
+
+
+def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
+    outputs = cfg.outputs.model_dump()
+    if not outputs["taps"]:
+        del outputs["taps"]  # caches made before taps existed keep their ids
+    if cfg.teachers:
+        outputs["teachers"] = {name: teacher_identity(t) for name, t in cfg.teachers.items()}
+    return outputs
 
 
 def resolve_target(cfg: PrecomputeConfig) -> CacheTarget:
     source = describe(cfg.source)
     identity = cache_identity(
-        teacher=teacher_identity(cfg),
+        teacher=teacher_identity(cfg.teacher),
         dataset=source.identity(cfg.source),
-        outputs=cfg.outputs.model_dump(),
+        outputs=outputs_identity(cfg),
     )
     cache_id = cache_key(identity)
     return CacheTarget(cache_id=cache_id, uri=storage.join(cfg.cache_root, cache_id), identity=identity, source=source)

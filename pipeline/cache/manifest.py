@@ -27,7 +27,8 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     cache_id: str
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    teacher: dict[str, Any]
+    teacher: dict[str, Any]  # the primary teacher (logits column `teacher_logits`)
+    teachers: dict[str, dict[str, Any]] = Field(default_factory=dict)  # every teacher by name, the primary included
     dataset: dict[str, Any]
     outputs: dict[str, Any]
     num_classes: int
@@ -42,6 +43,14 @@ class Manifest(BaseModel):
     @property
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+    def logits_columns(self) -> dict[str, str]:
+        """teacher name -> its logits column (caches from before multi-teacher have one)."""
+        return dict(self.outputs.get("logits", {}).get("columns") or {"teacher": self.outputs.get("logits", {}).get("column", "teacher_logits")})
+
+    def taps(self) -> dict[str, dict[str, Any]]:
+        """tap name -> {teacher, module, kind, column, shape, bytes_per_row, ...}."""
+        return dict(self.outputs.get("taps") or {})
 
     def shards_of(self, split: str) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == split]

@@ -13,3 +13,13 @@ SHARDS_DIR = "shards"
 # Beside the shards while a precompute is unfinished, removed once the manifest is published:
 SOURCE_DIR = "_source"  # the source rows staged as Parquet, so the plan starts with a Read
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data's checkpoint: which sample_ids are committed
+
+
+def logits_column(teacher: str) -> str:
+    """Each teacher's logits; the primary teacher ("teacher") keeps the v1 name `teacher_logits`."""
+    return f"{teacher}_logits"
+
+
+def tap_column(tap: str) -> str:
+    """A tap's column (feature, attention map or embedding), by the tap's unique name."""
+    return f"tap_{tap}"

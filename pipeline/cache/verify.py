@@ -19,17 +19,29 @@ class ShardFacts:
     bytes: int
     sha256: str
     columns: dict[str, str]
+    column_bytes: dict[str, int]  # compressed bytes per top-level column, from the footer
+    shapes: dict[str, list[int]]  # per-row shape of each tensor column
 
 
 def inspect_shard(uri: str) -> ShardFacts:
-    """Rows (from the Parquet footer), size, checksum and column types of one shard file."""
+    """Rows (from the Parquet footer), size, checksum, column types and bytes of one shard file."""
     fs, path = storage.filesystem(uri)
     size = fs.size(path)
     with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f)
-        rows = meta.metadata.num_rows
-        columns = {field.name: str(field.type) for field in meta.schema_arrow}
-    return ShardFacts(rows=rows, bytes=int(size), sha256=storage.sha256_of(path, fs), columns=columns)
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        rows = meta.num_rows
+        columns = {field.name: str(field.type) for field in pf.schema_arrow}
+        shapes = {field.name: list(field.type.shape) for field in pf.schema_arrow if hasattr(field.type, "shape")}
+        column_bytes: dict[str, int] = {}
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                top = col.path_in_schema.split(".", 1)[0]
+                column_bytes[top] = column_bytes.get(top, 0) + col.total_compressed_size
+    return ShardFacts(rows=rows, bytes=int(size), sha256=storage.sha256_of(path, fs), columns=columns,
+                      column_bytes=column_bytes, shapes=shapes)
 
 
 def list_shard_files(cache_uri: str) -> list[str]:

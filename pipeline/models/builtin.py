@@ -7,6 +7,7 @@ from the source or the cache manifest, so configs only name what is a real choic
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 from torch import nn
 
@@ -69,3 +70,16 @@ def mlp_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10)
 
 def mlp_base(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
     return mlp(input_shape, num_classes, hidden=(256, 256))
+
+
+def cnn_student(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, width: int = 8, hidden: int = 64) -> nn.Module:
+    """Small CNN student with named layers, so feature, attention and relational terms can tap
+    `conv1`/`pool1` (width x H/2 x W/2), `conv2`/`pool2` (2*width x H/4 x W/4) and `fc` (embedding)."""
+    c, h, w = input_shape
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(c, width, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(width, 2 * width, 3, padding=1)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(2 * width * (h // 4) * (w // 4), hidden)), ("relu3", nn.ReLU()),
+        ("head", nn.Linear(hidden, num_classes)),
+    ]))

@@ -7,7 +7,7 @@ tests feed them in-memory tensors.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,7 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Ten
     sums: dict[str, torch.Tensor] = {}
     samples = 0
     for batch in batches:
-        logits = model(batch[X])
-        parts = loss_fn(logits, batch)
+        parts = loss_fn(model(batch[X]), batch)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
@@ -34,6 +33,25 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Ten
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value.detach() * n
     return {**{f"train_{k}": float(v) / max(samples, 1) for k, v in sums.items()}, "train_samples": samples}
+
+
+CALIBRATION_BINS = 10
+
+
+def logits_of(output: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A student returns logits, or a dict with "logits" when its layers are tapped."""
+    return output["logits"] if isinstance(output, Mapping) else output
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, list[float]]:
+    """Per confidence bin (max softmax at T=1): count, summed confidence, correct. Additive over batches."""
+    conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
+    idx = (conf * bins).long().clamp(max=bins - 1)
+    return {
+        "count": torch.bincount(idx, minlength=bins).tolist(),
+        "confidence_sum": torch.zeros(bins).index_add_(0, idx, conf).tolist(),
+        "correct": torch.zeros(bins).index_add_(0, idx, (pred == labels).float()).tolist(),
+    }
 
 
 def eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -67,17 +85,27 @@ def finish_eval(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], temperature: float) -> dict[str, float]:
-    """Accuracy, top-1 agreement with the teacher and mean KL(p_teacher(T) || p_student(T))."""
+def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], temperature: float,
+             teacher_column: str = LOGITS) -> dict[str, Any]:
+    """Accuracy, top-1 agreement with the teacher, mean KL(p_teacher(T) || p_student(T)), and the
+    calibration bins of student and teacher (see calibration_sums)."""
     model.eval()
     total: dict[str, float] = {}
+    calib: dict[str, dict[str, list[float]]] = {}
     for batch in batches:
-        for k, v in eval_sums(model(batch[X]), batch[LOGITS], batch[LABEL], temperature).items():
+        logits = logits_of(model(batch[X]))
+        for k, v in eval_sums(logits, batch[teacher_column], batch[LABEL], temperature).items():
             total[k] = total.get(k, 0.0) + v
+        for who, z in (("student", logits), ("teacher", batch[teacher_column])):
+            sums = calibration_sums(z, batch[LABEL])
+            prev = calib.setdefault(who, {k: [0.0] * CALIBRATION_BINS for k in sums})
+            for k, v in sums.items():
+                prev[k] = [a + b for a, b in zip(prev[k], v)]
     if not total:
         return {"val_accuracy": math.nan, "val_agreement": math.nan, "val_kl": math.nan, "val_nll": math.nan,
                 "teacher_val_accuracy": math.nan, "val_rows": 0.0}
-    return finish_eval(total)
+    return {**finish_eval(total),
+            "calibration": {"edges": [i / CALIBRATION_BINS for i in range(CALIBRATION_BINS + 1)], **calib}}
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ The driver checks the cache against the student config, then `TorchTrainer` runs
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,16 +24,17 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.cache.verify import check_files
 from pipeline.config import TrainConfig, load_precompute_config
 from pipeline.errors import DistillError
-from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
+from pipeline.models.factory import BUILT_IN_THIS_PROCESS, output_width
 from pipeline.runtime import ensure_ray, quiet_data_context
-from pipeline.student.losses import TERM_INPUTS, DistillationLoss
+from pipeline.student.losses import DistillationLoss, LossInputs
+from pipeline.student.model import build_student, loss_inputs
 from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
+STUDENT_FILE = "student.pt"  # the trained student's state dict, written when the run finishes
 logger = logging.getLogger(__name__)
-BATCH_DTYPES = {X: torch.float32, LOGITS: torch.float32, LABEL: torch.int64}
 
 
 @dataclass
@@ -49,29 +51,42 @@ def resolve_cache_uri(cfg: TrainConfig) -> str:
     return resolve_target(load_precompute_config(cfg.precompute)).uri  # type: ignore[arg-type]
 
 
-def check_against_cache(cfg: TrainConfig, manifest: Manifest, cache_uri: str) -> None:
+def check_against_cache(cfg: TrainConfig, manifest: Manifest, cache_uri: str) -> LossInputs:
     """Every mismatch a worker would hit, raised in the driver before any worker starts."""
     problems = check_files(cache_uri, manifest)
     if problems:
         raise DistillError(f"cache {cache_uri} is damaged: {'; '.join(problems[:3])}",
                            "run `distill cache verify` for details, then recompute with --force")
-    for term, weight in cfg.loss.terms.items():
-        missing = [c for c in TERM_INPUTS[term] if weight > 0 and c not in manifest.columns]
-        if missing:
-            raise DistillError(f"loss term `{term}` needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
-                               "drop the term or precompute a cache with that output")
     for split in ("train", "val"):
         if manifest.rows_by_split.get(split, 0) == 0:
             raise DistillError(f"cache {manifest.cache_id} has no {split} rows", "check the source's split settings")
-    student = build_model(cfg.student, input_shape=tuple(manifest.input_shape), num_classes=manifest.num_classes)
+    inputs = loss_inputs(cfg.loss, manifest)
+    missing = sorted({c for c in _columns(inputs) if c not in manifest.columns})
+    if missing:
+        raise DistillError(f"the loss needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
+                           "drop the term or precompute a cache with that output")
     try:
-        width = output_width(student, tuple(manifest.input_shape))
+        student = build_student(cfg.student, manifest, cfg.loss, inputs)
+        width = output_width(student.net, tuple(manifest.input_shape))
     except RuntimeError as e:
         raise DistillError(f"student {cfg.student.factory} cannot take the cache's inputs of shape {manifest.input_shape}: "
                            f"{str(e).splitlines()[0]}", "fix the student's kwargs") from None
     if width != manifest.num_classes:
         raise DistillError(f"student {cfg.student.factory} predicts {width} classes, the cache has {manifest.num_classes}",
                            f"build the student with num_classes={manifest.num_classes} (or train on a matching cache)")
+    return inputs
+
+
+def _columns(inputs: LossInputs) -> list[str]:
+    """What stage 2 reads: inputs, label, the primary teacher's logits (for evaluation) and what the terms use."""
+    cols = [X, LABEL, LOGITS, *inputs.logits, *(c for _, c in inputs.hint), *(a[1] for a in inputs.attention)]
+    if inputs.rkd:
+        cols.append(inputs.rkd[1])
+    return list(dict.fromkeys(cols))
+
+
+def batch_dtypes(columns: list[str]) -> dict[str, torch.dtype]:
+    return {c: torch.int64 if c == LABEL else torch.float32 for c in columns}
 
 
 def teacher_evidence(teacher_factory: str | None) -> list[str]:
@@ -83,8 +98,9 @@ def teacher_evidence(teacher_factory: str | None) -> list[str]:
 
 def _save_checkpoint(directory: str, model: torch.nn.Module, optimizer, epoch: int, history: list[dict]) -> None:
     raw = model.module if hasattr(model, "module") else model
-    torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
-               os.path.join(directory, CHECKPOINT_FILE))
+    # "student" is the bare network (no adapters): what a later stage loads, e.g. as a born-again teacher.
+    torch.save({"model": raw.state_dict(), "student": raw.net.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "history": history}, os.path.join(directory, CHECKPOINT_FILE))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -97,11 +113,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.student, input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"])
+    manifest = Manifest.model_validate(config["manifest"])
+    inputs = loss_inputs(cfg.loss, manifest)
+    model = build_student(cfg.student, manifest, cfg.loss, inputs)  # adapters are parameters too
     ddp_model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(ddp_model.parameters(), cfg.optimizer.name, cfg.optimizer.lr,
                                cfg.optimizer.weight_decay, cfg.optimizer.momentum)
-    loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature)
+    loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, inputs)
+    dtypes = batch_dtypes(_columns(inputs))
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -126,14 +145,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, dtypes=BATCH_DTYPES, prefetch_batches=2,
+            batch_size=per_worker_batch, dtypes=dtypes, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
         )
         stats = train_epoch(ddp_model, batches, loss_fn, optimizer)
         train_s = time.time() - started
-        evaluated = evaluate(ddp_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=BATCH_DTYPES),
+        evaluated = evaluate(ddp_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=dtypes),
                              cfg.loss.temperature)
+        calibration = evaluated.pop("calibration", None)
         metrics = {
             "epoch": epoch + 1,
             **stats,
@@ -144,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "workers_with_teacher": workers_with_teacher,
             "resumed_from_epoch": resumed_from,  # > 0 after a restart from a checkpoint
         }
-        history.append(metrics)
+        history.append({**metrics, "calibration": calibration})
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 _save_checkpoint(d, ddp_model, optimizer, epoch + 1, history)
@@ -159,12 +179,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"({train_s:.1f}s train, {metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)")
 
 
-def _cache_dataset(cache_uri: str, manifest: Manifest, split: str):
+def _cache_dataset(cache_uri: str, manifest: Manifest, split: str, columns: list[str]):
     import ray
 
     fs, root = storage.arrow_filesystem(cache_uri)
     paths = [f"{root}/{s.path}" for s in manifest.shards_of(split)]
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns([X, LABEL, LOGITS])
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns(columns)
 
 
 def _run_storage(path: str):
@@ -197,7 +217,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     cache_uri = resolve_cache_uri(cfg)
     storage.check_reachable(cache_uri, "cache")
     manifest = read_manifest(cache_uri)
-    check_against_cache(cfg, manifest, cache_uri)
+    inputs = check_against_cache(cfg, manifest, cache_uri)
     run_dir = storage.join(cfg.storage_path if not storage.is_local(cfg.storage_path)
                            else storage.local_path(cfg.storage_path), cfg.name or "run")
     if resume:
@@ -220,13 +240,12 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
 
     run_storage_path, run_storage_fs = _run_storage(cfg.storage_path)
     with quiet_data_context():
-        datasets = {"train": _cache_dataset(cache_uri, manifest, "train"), "val": _cache_dataset(cache_uri, manifest, "val")}
+        datasets = {split: _cache_dataset(cache_uri, manifest, split, _columns(inputs)) for split in ("train", "val")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(),
-            "input_shape": manifest.input_shape,
-            "num_classes": manifest.num_classes,
+            "manifest": manifest.model_copy(update={"shards": [], "config": {}}).model_dump(),
             "teacher_factory": manifest.teacher.get("factory"),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -256,8 +275,13 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         raise DistillError(f"training {cfg.name} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
                            "see the worker traceback above") from None
     wall = time.time() - started
-    history = _history_of(result)
+    history, student_state = _history_of(result)
     final = history[-1] if history else dict(result.metrics or {})
+    weights_uri = storage.join(run_dir, STUDENT_FILE)
+    if student_state is not None:  # the bare student, loadable by its factory (e.g. as the next generation's teacher)
+        buf = io.BytesIO()
+        torch.save(student_state, buf)
+        storage.write_bytes_atomic(weights_uri, buf.getvalue())
     out = {
         "name": cfg.name,
         "cache": cache_uri,
@@ -274,7 +298,9 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             "val_agreement": final.get("val_agreement"),
             "val_kl": final.get("val_kl"),
             "teacher_val_accuracy": final.get("teacher_val_accuracy"),
+            "calibration": final.get("calibration"),
         },
+        "weights": weights_uri if student_state is not None else None,
         "workers_with_teacher": final.get("workers_with_teacher"),
         "wall_s": round(wall, 2),
         "history": history,
@@ -296,8 +322,10 @@ def _checkpoint_uri(checkpoint, storage_path: str) -> str | None:
     return f"{storage_path.split('://', 1)[0]}://{checkpoint.path}"
 
 
-def _history_of(result) -> list[dict[str, Any]]:
+def _history_of(result) -> tuple[list[dict[str, Any]], dict | None]:
+    """The per-epoch metrics and the bare student's state dict from the final checkpoint."""
     if not result.checkpoint:
-        return []
+        return [], None
     with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)["history"]
+        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    return state["history"], state.get("student")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import storage
-from pipeline.config import PrecomputeConfig
+from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig, TeacherConfig
 from pipeline.data.sources import describe, load_split
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, save_state
@@ -42,21 +42,32 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 
     return correct / len(y)
 
 
-def fit_teacher(cfg: PrecomputeConfig, log=print) -> float:
-    """Train on the train split, report val accuracy, save weights to `teacher.weights`. Returns val accuracy."""
-    if not cfg.teacher.weights:
-        raise DistillError("`teacher.weights` is not set", "set the URI the trained weights should be written to")
+def fit_teacher(cfg: PrecomputeConfig, log=print, name: str | None = None) -> float:
+    """Fit every teacher of the config (or only `name`) and save its weights. Returns the primary's
+    (or the named one's) val accuracy."""
+    names = [name] if name else list(cfg.all_teachers)
+    if name and name not in cfg.all_teachers:
+        raise DistillError(f"no teacher named {name!r}", f"teachers in this config: {list(cfg.all_teachers)}")
+    accuracies = {n: _fit_one(cfg, cfg.all_teachers[n], n, log) for n in names}
+    return accuracies[names[0]]
+
+
+def _fit_one(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> float:
+    """Train on the train split, report val accuracy, save weights to `weights`."""
+    if not teacher.weights:
+        field = "teacher" if name == PRIMARY_TEACHER else f"teachers.{name}"
+        raise DistillError(f"`{field}.weights` is not set", "set the URI the trained weights should be written to")
     storage.configure(**cfg.storage.model_dump())
-    fit = cfg.teacher.fit
+    fit = teacher.fit
     info = describe(cfg.source)
     train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")
     torch.manual_seed(fit.seed)
     gen = torch.Generator().manual_seed(fit.seed)
-    spec = cfg.teacher.model_copy(update={"weights": None})
+    spec = teacher.model_copy(update={"weights": None})
     model = build_model(spec, input_shape=info.input_shape, num_classes=info.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=fit.lr)
     x, y = torch.from_numpy(train["x"]), torch.from_numpy(train["label"])
-    log(f"fitting {cfg.teacher.factory} on {len(y)} rows for {fit.epochs} epochs")
+    log(f"fitting teacher {name!r} ({teacher.factory}) on {len(y)} rows for {fit.epochs} epochs")
     started = time.time()
     for epoch in range(fit.epochs):
         model.train()
@@ -71,6 +82,6 @@ def fit_teacher(cfg: PrecomputeConfig, log=print) -> float:
             total += loss.item() * len(idx)
         val_acc = accuracy(model, val["x"], val["label"])
         log(f"epoch {epoch + 1}/{fit.epochs}  loss {total / len(y):.4f}  val_accuracy {val_acc:.4f}  ({time.time() - started:.0f}s)")
-    save_state(model, cfg.teacher.weights)
-    log(f"saved teacher weights to {cfg.teacher.weights} (val accuracy {val_acc:.4f})")
+    save_state(model, teacher.weights)
+    log(f"saved teacher {name!r} weights to {teacher.weights} (val accuracy {val_acc:.4f})")
     return val_acc

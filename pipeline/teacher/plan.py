@@ -20,9 +20,10 @@ from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
-from pipeline.cache.schema import CHECKPOINT_DIR, LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SOURCE_DIR, SPLIT, X
+from pipeline.cache.schema import (CHECKPOINT_DIR, LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SOURCE_DIR, SPLIT, X,
+                                   logits_column, tap_column)
 from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
-from pipeline.config import PrecomputeConfig
+from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
 from pipeline.errors import DistillError
 from pipeline.models.factory import resolve_factory
@@ -119,15 +120,18 @@ def _clear(uri: str) -> None:
 def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str | None = None,
                    log=print) -> PrecomputeResult:
     """Compute (or find) the cache for `cfg`. A second call with the same content inputs does no teacher work."""
-    resolve_factory(cfg.teacher.factory)  # fail on a typo before hashing weights or starting Ray
+    for teacher in cfg.all_teachers.values():  # fail on a typo before hashing weights or starting Ray
+        resolve_factory(teacher.factory)
     storage.configure(**cfg.storage.model_dump())
     storage.check_reachable(cfg.cache_root, "cache root")
     target = resolve_target(cfg)
     if not force and storage.exists(manifest_uri(target.uri)):
         log(f"cache hit: {target.uri}")
         return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
-    if cfg.teacher.weights is None:
-        log("warning: the teacher has no `weights`; its outputs come from random initialisation")
+    _check_taps(cfg, target)
+    for name, teacher in cfg.all_teachers.items():
+        if teacher.weights is None:
+            log(f"warning: teacher {name!r} has no `weights`; its outputs come from random initialisation")
     try:
         return _under_lock(cfg, target, force=force, address=address, log=log)
     except (PermissionError, OSError) as e:  # a permanent storage error that outlived the retries
@@ -185,10 +189,11 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
         ds = ray.data.read_parquet(src_path, filesystem=src_fs, override_num_blocks=max(source_files, 1)).map_batches(
             TeacherPredictor,
             fn_constructor_kwargs={
-                "teacher": cfg.teacher.model_dump(exclude={"fit"}),
+                "teachers": _teacher_specs(cfg),
                 "input_shape": target.source.input_shape,
                 "num_classes": target.source.num_classes,
                 "logits_dtype": cfg.outputs.logits.dtype,
+                "taps": [t.model_dump() for t in cfg.outputs.taps],
                 "use_gpu": cfg.gpus_per_actor > 0,
                 "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
                 "storage_options": storage.options(),
@@ -217,6 +222,39 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
     return PrecomputeResult(uri=target.uri, hit=False, rows_computed=computed, manifest=manifest)
 
 
+def _teacher_specs(cfg: PrecomputeConfig) -> dict[str, dict]:
+    return {name: t.model_dump(exclude={"fit"}) for name, t in cfg.all_teachers.items()}
+
+
+def _check_taps(cfg: PrecomputeConfig, target: CacheTarget) -> None:
+    """Unknown tap modules fail in the driver, listing the names, before any actor starts."""
+    if not cfg.outputs.taps:
+        return
+    from pipeline.models.factory import build_model
+    from pipeline.models.taps import find_modules
+
+    for name, teacher in cfg.all_teachers.items():
+        modules = [t.module for t in cfg.outputs.taps if t.teacher == name]
+        if modules:
+            model = build_model(teacher, input_shape=target.source.input_shape, num_classes=target.source.num_classes,
+                                load_weights=False)
+            find_modules(model, modules, owner=f"teacher {name!r} ({teacher.factory})")
+
+
+def _outputs_record(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str, list[int]],
+                    bytes_per_row: dict[str, float]) -> dict:
+    """The manifest's `outputs`: every stored signal with its column, shape and bytes per row."""
+    logits = {name: logits_column(name) for name in cfg.all_teachers}
+    return {
+        "logits": {**cfg.outputs.logits.model_dump(), "column": LOGITS, "shape": [target.source.num_classes],
+                   "columns": logits, "bytes_per_row": {c: bytes_per_row.get(c) for c in logits.values()}},
+        "taps": {t.name: {**t.model_dump(), "column": tap_column(t.name), "dtype": "float16",
+                          "shape": shapes.get(tap_column(t.name)), "bytes_per_row": bytes_per_row.get(tap_column(t.name))}
+                 for t in cfg.outputs.taps},
+        "bytes_per_row": bytes_per_row,
+    }
+
+
 def _root_cause(e: BaseException) -> str:
     """The user-facing line inside a Ray error: our own DistillError if an actor raised one."""
     text = str(e)
@@ -233,21 +271,29 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float, resume_sta
     """Checksum every shard, check the row counts against the source, then write the manifest."""
     import ray
 
-    shards, columns = [], None
+    shards, columns, shapes, column_bytes = [], None, {}, {}
     for rel in list_shard_files(target.uri):
         facts = inspect_shard(storage.join(target.uri, rel))
         columns = columns or facts.columns
+        shapes = shapes or facts.shapes
+        for c, b in facts.column_bytes.items():
+            column_bytes[c] = column_bytes.get(c, 0) + b
         shards.append(ShardEntry(path=rel, split=split_of_shard(rel), rows=facts.rows, bytes=facts.bytes, sha256=facts.sha256))
     rows_by_split = {s: sum(e.rows for e in shards if e.split == s) for s in SPLITS}
     if rows_by_split != target.source.rows:
         raise DistillError(f"the cache's shards hold {rows_by_split} rows, the source has {target.source.rows}",
                            "nothing was published; recompute from scratch with --force")
     devices = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+    total_rows = max(sum(rows_by_split.values()), 1)
+    bytes_per_row = {c: round(b / total_rows, 1) for c, b in column_bytes.items()}
+    teachers = {name: {**(target.identity["teacher"] if name == PRIMARY_TEACHER else target.identity["outputs"]["teachers"][name]),
+                       "weights": t.weights, "column": logits_column(name)} for name, t in cfg.all_teachers.items()}
     manifest = Manifest(
         cache_id=target.cache_id,
-        teacher={**target.identity["teacher"], "weights": cfg.teacher.weights},
+        teacher=teachers[PRIMARY_TEACHER],
+        teachers=teachers,
         dataset=target.identity["dataset"],
-        outputs={"logits": {**cfg.outputs.logits.model_dump(), "column": LOGITS, "shape": [target.source.num_classes]}},
+        outputs=_outputs_record(cfg, target, shapes, bytes_per_row),
         num_classes=target.source.num_classes,
         input_shape=list(target.source.input_shape),
         rows=sum(rows_by_split.values()),
@@ -282,5 +328,5 @@ def _teacher_nodes() -> list[str]:
 def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:
     """The teacher's float32 logits on `x`, in this process (for checks and tests, not the pipeline)."""
     target = resolve_target(cfg)
-    predictor = TeacherPredictor(cfg.teacher.model_dump(exclude={"fit"}), target.source.input_shape, target.source.num_classes, "float32")
+    predictor = TeacherPredictor(_teacher_specs(cfg), target.source.input_shape, target.source.num_classes, "float32")
     return predictor({X: x})[LOGITS]

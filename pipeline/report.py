@@ -1,0 +1,292 @@
+"""One HTML page comparing finished student runs with their teacher, and what their cache costs.
+
+The page is self-contained (PNG plots as data URIs, inline CSS, no scripts) so it can be attached
+to a ticket, mailed, or opened straight from a bucket with no server and no network.
+Figures are `matplotlib.figure.Figure` objects rendered by Agg: no pyplot, no global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import statistics
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from pipeline.cache import storage
+from pipeline.cache.manifest import Manifest, read_manifest
+from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline.errors import DistillError
+
+RESULT_FILE = "result.json"  # written by pipeline.student.trainer (not imported from there: it pulls in torch)
+FIGSIZE, DPI = (6.4, 3.6), 100
+_SEED_SUFFIX = re.compile(r"-seed\d+$")
+_Caches = dict[str, "tuple[Manifest, dict[str, float]] | str"]  # cache URI -> (manifest, bytes per row) or why unreadable
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
+h1{font-size:22px}h2{font-size:17px;margin:28px 0 4px;border-bottom:1px solid #ddd}p.why{color:#555;margin:2px 0 10px}
+table{border-collapse:collapse;margin:8px 0}
+td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
+td.n{text-align:right;font-variant-numeric:tabular-nums}tr.teacher{background:#f4f4f4;font-style:italic}
+img{max-width:100%;display:block;margin:6px 0}.note{color:#a60}code{font-size:12px}"""
+
+
+def read_run(run_dir: str) -> dict[str, Any]:
+    """The result.json of one finished run, or one error naming the directory and the fix."""
+    uri = storage.join(run_dir, RESULT_FILE)
+    if not storage.exists(uri):
+        raise DistillError(f"{run_dir} has no {RESULT_FILE} (not a finished run directory)",
+                           "pass directories that `distill train` finished: <storage_path>/<name>")
+    fix = "train the run again, or leave it out of the report"
+    try:
+        result = json.loads(storage.read_bytes(uri))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DistillError(f"{uri} is unreadable: {e}", fix) from None
+    if not isinstance(result, dict) or not isinstance(result.get("name"), str) or not isinstance(result.get("metrics"), dict):
+        raise DistillError(f"{uri} is unreadable: no `name` or `metrics`", fix)
+    return result
+
+
+def group_of(name: str) -> str:
+    """Runs that differ only by a trailing `-seed<N>` are one student, reported as mean ± std."""
+    return _SEED_SUFFIX.sub("", name)
+
+
+def reliability(bins: dict[str, list[float]]) -> tuple[list[float], list[float], float]:
+    """Mean confidence and accuracy of the non-empty bins, and the expected calibration error.
+
+    ECE = sum_i n_i/N * |acc_i - conf_i| (Guo et al., "On Calibration of Modern Neural Networks", 2017).
+    """
+    total = sum(bins["count"]) or 1
+    kept = [(s / n, c / n, n) for n, s, c in zip(bins["count"], bins["confidence_sum"], bins["correct"]) if n]
+    ece = sum(n / total * abs(acc - conf) for conf, acc, n in kept)
+    return [conf for conf, _, _ in kept], [acc for _, acc, _ in kept], ece
+
+
+def cache_bytes_per_row(cache_uri: str, manifest: Manifest) -> dict[str, float]:
+    """Compressed bytes per row of each top-level column, summed from the shards' Parquet footers.
+
+    A tensor column is stored as nested leaves (`x.list.element`), so leaves are grouped by the
+    part of their path before the first dot.
+    """
+    fs, root = storage.filesystem(cache_uri)
+    sizes: dict[str, int] = defaultdict(int)
+    for shard in manifest.shards:
+        with fs.open(f"{root}/{shard.path}", "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            for i in range(meta.num_row_groups):
+                for j in range(meta.num_columns):
+                    column = meta.row_group(i).column(j)
+                    sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
+    return {name: size / (manifest.rows or 1) for name, size in sizes.items()}
+
+
+def write_report(run_dirs: list[str], out_path: str | None = None) -> str:
+    """Write the report for these run directories; returns its path (default: beside the first run)."""
+    if not run_dirs:
+        raise DistillError("no run directories given", "pass one or more directories that `distill train` finished")
+    runs = [read_run(d) for d in run_dirs]
+    caches = _load_caches(runs)
+    sections = [_runs_table(runs, caches), _curves(runs), _accuracy_bars(runs), _calibration(runs), _cache_sections(caches)]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{_CSS}</style>"
+            f"</head><body><h1>Distillation report</h1><p class='why'>{len(runs)} runs, "
+            f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>{''.join(sections)}</body></html>\n")
+    if out_path is None:
+        first = run_dirs[0].rstrip("/")
+        parent = os.path.dirname(storage.local_path(first)) if storage.is_local(first) else first.rsplit("/", 1)[0]
+        out_path = storage.join(parent, "report.html")
+    storage.write_bytes_atomic(out_path, page.encode())
+    return out_path
+
+
+def _load_caches(runs: list[dict[str, Any]]) -> _Caches:
+    """Each distinct cache once: its manifest and bytes per row, or why it cannot be read (deleted caches are normal)."""
+    caches: _Caches = {}
+    for uri in dict.fromkeys(r.get("cache") for r in runs if r.get("cache")):
+        try:
+            manifest = read_manifest(uri)
+            caches[uri] = manifest, cache_bytes_per_row(uri, manifest)
+        except DistillError as e:
+            caches[uri] = e.problem
+        except (OSError, ValueError) as e:  # shards deleted or damaged under a live manifest (ArrowInvalid is a ValueError)
+            caches[uri] = f"{type(e).__name__}: {e}"
+    return caches
+
+
+def _section(title: str, why: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2><p class='why'>{html.escape(why)}</p>{body}"
+
+
+def _img(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _short(uri: str) -> str:
+    """The cache id (last path part of a cache URI) names the teacher in legends."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _row(cells: list[str], num_from: int, cls: str = "") -> str:
+    """A table row; cells from `num_from` on are numbers, right-aligned."""
+    tds = "".join(f"<td{' class=n' if i >= num_from else ''}>{html.escape(c)}</td>" for i, c in enumerate(cells))
+    return f"<tr class='{cls}'>{tds}</tr>"
+
+
+def _table(header: list[str], rows: list[str]) -> str:
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(rows) + "</table>"
+
+
+def _runs_table(runs: list[dict[str, Any]], caches: _Caches) -> str:
+    rows = []
+    for r in runs:
+        m = r["metrics"]
+        terms = ", ".join(f"{k} {v:g}" for k, v in (r.get("loss_terms") or {}).items())
+        rows.append(_row([r["name"], str(r.get("student", "")), terms, str(r.get("seed", "")), str(r.get("epochs", "")),
+                          *(_fmt(m.get(k), ".4f") for k in ("val_accuracy", "val_agreement", "val_kl")),
+                          _fmt(r.get("wall_s"), ".1f")], num_from=3))
+    for uri, acc in _teachers(runs).items():
+        cache = caches.get(uri)
+        factory = cache[0].teacher.get("factory", "") if isinstance(cache, tuple) else ""
+        rows.append(_row([f"teacher ({_short(uri)})", str(factory), "", "", "", _fmt(acc, ".4f"), "", "", ""], 3, "teacher"))
+    header = ["run", "student", "loss terms", "seed", "epochs", "val accuracy", "agreement", "KL", "wall s"]
+    return _section("Runs", "Final validation metrics of each run; agreement: how often student and teacher pick the same class.",
+                    _table(header, rows))
+
+
+def _teachers(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Teacher validation accuracy per cache: the teacher is fixed by the cache, so every run on it agrees."""
+    return {r.get("cache", "?"): r["metrics"].get("teacher_val_accuracy") for r in runs}
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by student (`group_of`), in the order given."""
+    return {g: [r for r in runs if group_of(r["name"]) == g] for g in dict.fromkeys(group_of(r["name"]) for r in runs)}
+
+
+def _curves(runs: list[dict[str, Any]]) -> str:
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, (group, members) in enumerate(_groups(runs).items()):
+        for k, r in enumerate(members):
+            hist, label = r.get("history") or [], None if k else group  # seeds share a colour and one legend entry
+            epochs = [h.get("epoch") for h in hist]
+            loss_ax.plot(epochs, [h.get("train_loss") for h in hist], color=f"C{i % 10}", lw=1, label=label)
+            acc_ax.plot(epochs, [h.get("val_accuracy") for h in hist], color=f"C{i % 10}", lw=1)
+    for j, acc in enumerate(sorted({a for a in _teachers(runs).values() if a is not None})):
+        acc_ax.axhline(acc, color="k", ls="--", lw=0.8, label=None if j else "teacher")
+    losses = [h["train_loss"] for r in runs for h in r.get("history") or [] if h.get("train_loss") is not None]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 20:  # KD terms scale with T²: losses span decades
+        loss_ax.set_yscale("log")
+    loss_ax.set(title="train loss", xlabel="epoch")
+    acc_ax.set(title="val accuracy", xlabel="epoch")
+    fig.legend(loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    return _section("Training curves", "Train loss and validation accuracy per epoch, one line per run (seeds share a colour).",
+                    _img(fig))
+
+
+def _mean_std(members: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    values = [r["metrics"].get(key) or 0.0 for r in members]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _accuracy_bars(runs: list[dict[str, Any]]) -> str:
+    groups = _groups(runs)
+    labels = [g if len(members) == 1 else f"{g}\n(n={len(members)})" for g, members in groups.items()]
+    acc = [_mean_std(members, "val_accuracy") for members in groups.values()]
+    agree = [_mean_std(members, "val_agreement") for members in groups.values()]
+    for uri, teacher_acc in _teachers(runs).items():
+        labels.append(f"teacher\n{_short(uri)[:8]}")
+        acc.append((teacher_acc or 0.0, 0.0))
+        agree.append((float("nan"), 0.0))  # a teacher agrees with itself: no bar
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    xs, width = range(len(labels)), 0.38
+    for offset, (name, values) in zip((-width / 2, width / 2), (("accuracy", acc), ("agreement", agree))):
+        bars = ax.bar([x + offset for x in xs], [m for m, _ in values], width, yerr=[s for _, s in values], capsize=3, label=name)
+        ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m, _ in values], fontsize=7, padding=2)
+    low = min(m for m, _ in acc + agree if not math.isnan(m))  # zoom in: the differences that matter are a few points
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    fig.legend(loc="outside upper center", ncols=2, fontsize=8, frameon=False)
+    return _section("Accuracy and agreement", "Validation accuracy and teacher agreement per student (mean ± std over seeds) "
+                    "beside the teacher's accuracy.", _img(fig))
+
+
+def _calibration(runs: list[dict[str, Any]]) -> str:
+    why = "Reliability diagram: accuracy against confidence per bin; the diagonal is perfect calibration. ECE in the legend."
+    students: dict[str, dict[str, list[float]]] = {}
+    teachers: dict[str, dict[str, list[float]]] = {}
+    calibrated = [r for r in runs if r["metrics"].get("calibration")]
+    for r in calibrated:
+        cal = r["metrics"]["calibration"]
+        if cal.get("teacher"):
+            teachers.setdefault(r.get("cache", "?"), cal["teacher"])
+        pooled = students.setdefault(group_of(r["name"]), {k: [0.0] * len(v) for k, v in cal["student"].items()})
+        for key, values in cal["student"].items():  # bins are counts and sums: seeds pool by adding
+            pooled[key] = [a + b for a, b in zip(pooled[key], values)]
+    missing = [r["name"] for r in runs if r not in calibrated]
+    note = f"<p class='note'>No calibration recorded for: {html.escape(', '.join(missing))} (older runs).</p>" if missing else ""
+    if not students:
+        return _section("Calibration", why, note)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
+    names = list(_groups(runs))
+    for group, bins in students.items():
+        conf, acc, ece = reliability(bins)
+        ax.plot(conf, acc, "o-", ms=3, lw=1, color=f"C{names.index(group) % 10}", label=f"{group} (ECE {ece:.3f})")
+    for uri, bins in teachers.items():
+        conf, acc, ece = reliability(bins)
+        ax.plot(conf, acc, "s--", ms=3, lw=1, color="k", label=f"teacher {_short(uri)[:8]} (ECE {ece:.3f})")
+    ax.set(xlabel="mean confidence in bin", ylabel="accuracy in bin", xlim=(0, 1), ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8, loc="upper left")
+    return _section("Calibration", why, _img(fig) + note)
+
+
+def _roles(manifest: Manifest) -> dict[str, str]:
+    """Column -> output kind, from `outputs`: {kind: {column}}, {kind: {columns: {teacher: col}}} or {kind: {tap: {column}}}."""
+    roles = {X: "student input", LABEL: "hard label", SAMPLE_ID: "sample id", LOGITS: "logits"}
+    for kind, spec in manifest.outputs.items():
+        if isinstance(spec, dict):
+            roles.update({spec["column"]: kind} if isinstance(spec.get("column"), str) else {})
+            roles.update({col: f"{kind}: {name}" for name, col in (spec.get("columns") or {}).items()})
+            named = {name: sub for name, sub in spec.items() if isinstance(sub, dict) and sub.get("column")}  # taps
+            roles.update({sub["column"]: f"{kind}: {name}" for name, sub in named.items()})
+    return roles
+
+
+def _cache_sections(caches: _Caches) -> str:
+    parts = []
+    for uri, cache in caches.items():
+        title = f"<p><code>{html.escape(uri)}</code></p>"
+        if isinstance(cache, str):
+            parts.append(f"{title}<p class='note'>cache not available: {html.escape(cache)}</p>")
+            continue
+        manifest, per_row = cache
+        fig = Figure(figsize=(FIGSIZE[0], 0.6 + 0.4 * len(per_row)), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+        bars = ax.barh(list(per_row), list(per_row.values()), color="C0")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.invert_yaxis()
+        ax.set_xlabel("compressed bytes per row")
+        ax.margins(x=0.15)
+        roles = _roles(manifest)
+        rows = [_row([name, roles.get(name, ""), manifest.columns.get(name, ""), f"{b:.1f}"], 3) for name, b in per_row.items()]
+        summary = f"<p>{manifest.rows:,} rows, {manifest.bytes / 1e6:.2f} MB in {len(manifest.shards)} shards.</p>"
+        parts.append(title + summary + _img(fig) + _table(["column", "role", "type", "bytes/row"], rows))
+    return _section("Cache size", "Compressed Parquet bytes per row of each column, from the shard footers: "
+                    "what each teacher output costs to keep.", "".join(parts))

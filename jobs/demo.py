@@ -18,6 +18,7 @@ from pipeline.cache import storage
 from pipeline.cache.verify import list_shard_files
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
+from pipeline.report import write_report
 from pipeline.student.trainer import run_train
 from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.plan import run_precompute
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     extra.append(f"epochs={args.epochs}")
                 cfg = load_train_config(TRAIN, overrides + extra)
                 print(f"== stage 2: {name}, seed {seed} ==", flush=True)
-                results.setdefault(name, []).append(run_train(cfg, overwrite=True).result)
+                run = run_train(cfg, overwrite=True)
+                results.setdefault(name, []).append({**run.result, "run_dir": run.run_dir})
     except DistillError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in students:
         print(f"{s['name']:<12} {s['alpha']:>5.2f} {s['temperature']:>4.1f} {s['seeds']:>5} "
               f"{100 * s['accuracy_mean']:>14.2f} ± {100 * s['accuracy_std']:.2f} {100 * s['agreement_mean']:>9.2f}% {s['kl_mean']:>7.3f}")
-    print(f"\nwrote {os.path.join(args.out, 'summary.json')} in {summary['wall_s']:.0f}s")
+    report = write_report([r["run_dir"] for runs in results.values() for r in runs], os.path.join(args.out, "report.html"))
+    print(f"\nwrote {os.path.join(args.out, 'summary.json')} and {report} in {summary['wall_s']:.0f}s")
     return 0
 
 

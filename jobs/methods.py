@@ -19,6 +19,7 @@ import time
 from pipeline.cache import storage
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
+from pipeline.report import write_report
 from pipeline.student.model import loss_inputs
 from pipeline.student.trainer import run_train
 from pipeline.teacher.fit import fit_teacher
@@ -57,7 +58,8 @@ def _train(method: str, path: str, seeds: int, out: str, epochs: int | None, ove
         if epochs:
             extra.append(f"epochs={epochs}")
         print(f"== {method}, seed {seed} ==", flush=True)
-        runs.append(run_train(load_train_config(path, extra), overwrite=True).result)
+        run = run_train(load_train_config(path, extra), overwrite=True)
+        runs.append({**run.result, "run_dir": run.run_dir})
     return runs
 
 
@@ -77,7 +79,7 @@ def _row(method: str, runs: list[dict], manifest, cfg) -> dict:
         "cache_bytes_per_row": signals,
         "epochs": runs[0]["epochs"],
         "wall_s_mean": statistics.mean(r["wall_s"] for r in runs),
-        "runs": [r["name"] for r in runs],
+        "runs": [r["run_dir"] for r in runs],
     }
 
 
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(_markdown(summary))
     print()
     print(_markdown(summary))
-    print(f"wrote {args.out}/summary.json and summary.md in {summary['wall_s']:.0f}s")
+    report = write_report([d for r in rows for d in r["runs"]], os.path.join(args.out, "report.html"))
+    print(f"wrote {args.out}/summary.json, summary.md and {report} in {summary['wall_s']:.0f}s")
     return 0
 
 

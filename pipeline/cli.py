@@ -89,13 +89,28 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
         print(m.to_json(), end="")
         return 0
     print(f"cache {m.cache_id} (format v{m.format_version}) created {m.created}")
-    print(f"  teacher  {m.teacher.get('factory')} weights={m.teacher.get('weights')} sha256={m.teacher.get('weights_sha256')}")
+    for name, t in (m.teachers or {"teacher": m.teacher}).items():
+        print(f"  teacher  {name}: {t.get('factory')} weights={t.get('weights')} sha256={t.get('weights_sha256')}")
     print(f"  dataset  {m.dataset.get('kind')} fingerprint={m.dataset.get('fingerprint')}")
-    print(f"  outputs  {json.dumps(m.outputs)}")
+    per_row = m.outputs.get("bytes_per_row", {})
+    logits = m.outputs.get("logits", {})
+    for name, col in m.logits_columns().items():
+        print(f"  output   {col}: logits of {name}, {logits.get('dtype')} {logits.get('shape')}, {per_row.get(col, '?')} bytes/row")
+    for name, tap in m.taps().items():
+        pool = f", pooled to {tap['pool']}" if tap.get("pool") else ""
+        print(f"  output   {tap['column']}: tap {name!r} ({tap['kind']} of {tap['teacher']} module {tap['module']!r}{pool}), "
+              f"float16 {tap.get('shape')}, {tap.get('bytes_per_row', '?')} bytes/row")
     print(f"  rows     {m.rows} ({', '.join(f'{k} {v}' for k, v in m.rows_by_split.items())}); classes {m.num_classes}; input {m.input_shape}")
     print(f"  shards   {len(m.shards)}, {m.bytes / 1e6:.2f} MB, {m.bytes / max(m.rows, 1):.0f} bytes/row")
     print(f"  columns  {', '.join(f'{k}: {v}' for k, v in m.columns.items())}")
     print(f"  stats    {json.dumps(m.stats)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(f"wrote {write_report(args.run_dirs, args.out)}")
     return 0
 
 
@@ -214,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>)")
+    p.add_argument("--out", help="where to write the page (default: report.html beside the first run)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("submit", help="run a stage on a Ray cluster as a Ray Job")
     p.add_argument("stage", choices=["precompute", "train", "pipeline"])

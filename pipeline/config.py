@@ -46,10 +46,20 @@ class JobOptions(_Strict):
     entrypoint_resources: dict[str, float] = Field(default_factory=dict)
 
 
+class TokenizerConfig(_Strict):
+    """How text becomes token ids. The trained tokenizer is saved beside the cache's shards, so
+    every student of the cache reads the same vocabulary."""
+
+    kind: Literal["bpe", "byte"] = "bpe"
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)  # bpe only; byte is 256 + specials
+    min_frequency: int = Field(2, ge=1)
+    uri: str | None = None  # reuse an existing tokenizer.json instead of training one
+
+
 class SourceConfig(_Strict):
     """Where the rows come from. Built-in sources ship inside packages, so nothing is downloaded."""
 
-    kind: Literal["digits", "mnist", "parquet"]
+    kind: Literal["digits", "mnist", "parquet", "text"]
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     # parquet only: a user's own table with an id column, input columns and a label column.
@@ -59,6 +69,14 @@ class SourceConfig(_Strict):
     label_column: str = "label"
     input_shape: list[int] | None = None
     version: str | None = None  # explicit dataset version; otherwise file fingerprints are used
+    # text only: files (paths, directories or globs; default: the Python standard library's sources)
+    # or a Parquet `uri` with `text_column`, chunked into sequences of `seq_len` + 1 tokens.
+    files: list[str] | None = None
+    text_column: str = "text"
+    seq_len: int = Field(64, ge=2)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    max_documents: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _parquet_needs_uri(self) -> "SourceConfig":
@@ -98,8 +116,28 @@ class TeacherConfig(ModelSpec):
 
 
 class LogitsOutput(_Strict):
-    mode: Literal["full"] = "full"
+    """`full` stores every logit (small vocabularies). For token caches: `topk` stores the k largest
+    logits, their ids and logsumexp(z/T) for each declared temperature (exact tail mass); `sampled`
+    stores k importance-weighted draws; `sequences` stores teacher continuations (sequence-level KD)."""
+
+    mode: Literal["full", "topk", "sampled", "sequences"] = "full"
     dtype: Literal["float16", "float32"] = "float16"
+    k: int = Field(32, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    values: Literal["float16", "uint8"] = "float16"  # topk: raw logits, or uint8 offsets below the token's max
+    step: float = Field(1 / 16, gt=0)  # uint8 quantisation step, in logits
+    proposal_temperature: float | None = Field(None, gt=0)  # sampled: draw from softmax(z / this); default T
+    seed: int = 0  # sampled and sequences: the draws are reproducible
+    prompt_tokens: int = Field(16, ge=1)  # sequences: the prompt taken from each row
+    new_tokens: int = Field(48, ge=1)  # sequences: continuation length
+    strategy: Literal["greedy", "sample"] = "greedy"
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError("temperatures must be > 0")
+        return v
 
 
 class TapOutput(_Strict):

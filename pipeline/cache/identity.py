@@ -29,8 +29,22 @@ def teacher_identity(teacher: ModelSpec) -> dict[str, Any]:
     return {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights)}
 
 
+# The fields of `outputs.logits` that change the content, per mode; the others do not split caches.
+_LOGITS_FIELDS = {
+    "full": ("mode", "dtype"),
+    "topk": ("mode", "k", "temperatures", "values", "step"),
+    "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
+    "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed"),
+}
+
+
 def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
     outputs = cfg.outputs.model_dump()
+    logits = outputs["logits"]
+    fields = _LOGITS_FIELDS[logits["mode"]]
+    if logits["mode"] == "topk" and logits["values"] == "float16":
+        fields = tuple(f for f in fields if f != "step")
+    outputs["logits"] = {f: logits[f] for f in fields}
     if not outputs["taps"]:
         del outputs["taps"]  # caches made before taps existed keep their ids
     if cfg.teachers:

@@ -23,3 +23,13 @@ def logits_column(teacher: str) -> str:
 def tap_column(tap: str) -> str:
     """A tap's column (feature, attention map or embedding), by the tap's unique name."""
     return f"tap_{tap}"
+
+
+# Token-level caches (language models). One row is one fixed-length sequence.
+INPUT_IDS = "input_ids"  # int32 (L + 1,): the student reads ids[:-1] and predicts ids[1:]
+LENGTH = "length"  # int32: real tokens in input_ids; target positions t < length - 1 count, the rest is padding
+TOPK_INDICES = "topk_indices"  # (L, k) smallest unsigned int type that holds the vocabulary
+TOPK_VALUES = "topk_values"  # (L, k) float16 raw logits, or uint8 offsets below the token's largest logit
+TOPK_LSE = "topk_lse"  # (L, n_temperatures) float32 logsumexp(z / T) over the full vocabulary, one per declared T
+SAMPLED_INDICES = "sampled_indices"  # (L, k) sampled KD: distinct token ids drawn from the teacher
+SAMPLED_WEIGHTS = "sampled_weights"  # (L, k) float16 importance weights summing to 1 per token (0 = padding)

@@ -284,7 +284,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         storage.write_bytes_atomic(weights_uri, buf.getvalue())
     out = {
         "name": cfg.name,
-        "cache": cache_uri,
+        "cache": storage.local_path(cache_uri) if storage.is_local(cache_uri) else cache_uri,  # usable from any cwd
         "cache_id": manifest.cache_id,
         "student": cfg.student.factory,
         "alpha": cfg.alpha,

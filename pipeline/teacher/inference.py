@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from contextlib import ExitStack
 from typing import Any
 
@@ -9,11 +10,12 @@ import numpy as np
 import torch
 
 from pipeline.cache import storage
-from pipeline.cache.schema import X, logits_column, tap_column
-from pipeline.config import ModelSpec, TapOutput
+from pipeline.cache.schema import INPUT_IDS, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
+from pipeline.config import LogitsOutput, ModelSpec, TapOutput
 from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
-from pipeline.teacher.encode import encode_full_logits, encode_tap
+from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
+from pipeline.teacher.generate import generate
 
 
 class TeacherPredictor:
@@ -22,7 +24,8 @@ class TeacherPredictor:
 
     def __init__(self, teachers: dict[str, dict[str, Any]], input_shape: tuple[int, ...], num_classes: int,
                  logits_dtype: str = "float16", taps: list[dict[str, Any]] | None = None, use_gpu: bool = False,
-                 threads: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
+                 threads: int | None = None, storage_options: dict[str, Any] | None = None,
+                 logits_spec: dict[str, Any] | None = None) -> None:
         storage.configure(**(storage_options or {}))  # this actor may load the weights from S3
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
@@ -35,9 +38,12 @@ class TeacherPredictor:
         for name, model in self.models.items():  # an unknown module fails here, listing the names
             find_modules(model, [t.module for t in self.taps if t.teacher == name], owner=f"teacher {name!r}")
         self.logits_dtype = logits_dtype
+        self.spec = LogitsOutput.model_validate(logits_spec or {"dtype": logits_dtype})
         self.on_gpu = self.device.type == "cuda"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if INPUT_IDS in batch:
+            return self._tokens(batch)
         x = torch.from_numpy(np.require(batch[X], dtype=np.float32, requirements=["C", "W"]))
         if self.on_gpu:
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -51,4 +57,27 @@ class TeacherPredictor:
             out[logits_column(name)] = encode_full_logits(logits.float(), self.logits_dtype)
             for tap in taps:
                 out[tap_column(tap.name)] = encode_tap(captured[tap.module], tap.kind, tap.pool, tap.p)
+        return out
+
+    def _tokens(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A language-model teacher on (B, L + 1) windows: it reads ids[:, :-1], so position t holds
+        its prediction of token t + 1. Each mode stores what its loss needs (see LogitsOutput)."""
+        (name, model), = self.models.items()  # token caches hold one teacher (checked in the config)
+        ids = torch.from_numpy(np.asarray(batch[INPUT_IDS], dtype=np.int64)).to(self.device)
+        spec, out = self.spec, dict(batch)
+        # Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike).
+        gen = torch.Generator(device=self.device).manual_seed(
+            spec.seed * 1_000_003 + zlib.crc32(str(batch[SAMPLE_ID][0]).encode()) if len(ids) else spec.seed)
+        if spec.mode == "sequences":
+            seq = generate(model, ids[:, :spec.prompt_tokens], spec.new_tokens, spec.strategy, spec.temperatures[0], gen)
+            out[TEACHER_SEQUENCE] = seq.to(torch.int32).cpu().numpy()
+            return out
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
+            logits = model(ids[:, :-1])
+        if spec.mode == "full":
+            out[logits_column(name)] = encode_full_logits(logits.float(), spec.dtype)
+        elif spec.mode == "topk":
+            out.update(encode_topk(logits.float(), spec.k, spec.temperatures, spec.values, spec.step))
+        else:
+            out.update(encode_sampled(logits.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature))
         return out

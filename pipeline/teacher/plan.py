@@ -20,8 +20,9 @@ from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
-from pipeline.cache.schema import (CHECKPOINT_DIR, LABEL, LOGITS, SAMPLE_ID, SHARDS_DIR, SOURCE_DIR, SPLIT, X,
-                                   logits_column, tap_column)
+from pipeline.cache.schema import (CHECKPOINT_DIR, LOGITS, SAMPLE_ID, SAMPLED_INDICES, SAMPLED_WEIGHTS, SHARDS_DIR,
+                                   SOURCE_DIR, SPLIT, TEACHER_SEQUENCE, TOKENIZER_FILE, TOPK_INDICES, TOPK_LSE, TOPK_VALUES,
+                                   X, logits_column, tap_column)
 from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
@@ -47,7 +48,6 @@ def _stage_source(cfg: PrecomputeConfig, cache_uri: str) -> tuple[str, int]:
     written out once; a user's table is standardised once. Returns (uri, number of files).
     """
     import ray
-    from ray.data.extensions import ArrowTensorArray
 
     uri = storage.join(cache_uri, SOURCE_DIR)
     marker = storage.join(uri, "_SUCCESS")
@@ -63,20 +63,28 @@ def _stage_source(cfg: PrecomputeConfig, cache_uri: str) -> tuple[str, int]:
             fs.create_dir(path)
             for split in SPLITS:
                 cols = load_split(cfg.source, split)
-                n = len(cols[LABEL])
+                n = len(cols[SAMPLE_ID])
                 # Several files, so that more than one teacher actor has work, progress is visible
                 # and a resumed run loses at most a file's worth of rows.
                 step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
                 for i in range(0, n, step):
-                    pq.write_table(pa.table({
-                        SAMPLE_ID: pa.array(cols[SAMPLE_ID][i:i + step].tolist(), pa.string()),
-                        X: ArrowTensorArray.from_numpy(cols[X][i:i + step]),
-                        LABEL: pa.array(cols[LABEL][i:i + step]),
-                        SPLIT: pa.array([split] * len(cols[LABEL][i:i + step]), pa.string()),
-                    }), f"{path}/{split}-{i // step:05d}.parquet", filesystem=fs)
+                    part = {name: _arrow_column(values[i:i + step]) for name, values in cols.items()}
+                    part[SPLIT] = pa.array([split] * len(part[SAMPLE_ID]), pa.string())
+                    pq.write_table(pa.table(part), f"{path}/{split}-{i // step:05d}.parquet", filesystem=fs)
         storage.write_bytes_atomic(marker, b"")
     listing_fs, listing_path = storage.filesystem(uri)
     return uri, len([p for p in listing_fs.find(listing_path) if p.endswith(".parquet")])
+
+
+def _arrow_column(values: np.ndarray):
+    """Ids as strings, per-row arrays as Ray's tensor columns, scalars as they are."""
+    from ray.data.extensions import ArrowTensorArray
+
+    if values.dtype == object:
+        return pa.array(values.tolist(), pa.string())
+    if values.ndim > 1:
+        return ArrowTensorArray.from_numpy(values)
+    return pa.array(values)
 
 
 @contextmanager
@@ -194,6 +202,7 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
                 "num_classes": target.source.num_classes,
                 "logits_dtype": cfg.outputs.logits.dtype,
                 "taps": [t.model_dump() for t in cfg.outputs.taps],
+                "logits_spec": cfg.outputs.logits.model_dump(),
                 "use_gpu": cfg.gpus_per_actor > 0,
                 "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
                 "storage_options": storage.options(),
@@ -245,6 +254,18 @@ def _outputs_record(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str
                     bytes_per_row: dict[str, float]) -> dict:
     """The manifest's `outputs`: every stored signal with its column, shape and bytes per row."""
     logits = {name: logits_column(name) for name in cfg.all_teachers}
+    if cfg.source.kind == "text":
+        spec = cfg.outputs.logits
+        columns = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
+                   "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}[spec.mode]
+        fields = {"full": ("mode", "dtype"), "topk": ("mode", "k", "temperatures", "values", "step"),
+                  "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
+                  "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed")}[spec.mode]
+        per_token = sum(bytes_per_row.get(c, 0.0) for c in columns) / cfg.source.seq_len
+        return {"logits": {**{f: getattr(spec, f) for f in fields}, "column": LOGITS, "columns": {PRIMARY_TEACHER: columns[0]},
+                           "stored": columns, "shape": [cfg.source.seq_len, target.source.num_classes],
+                           "bytes_per_token": round(per_token, 2)},
+                "taps": {}, "bytes_per_row": bytes_per_row}
     return {
         "logits": {**cfg.outputs.logits.model_dump(), "column": LOGITS, "shape": [target.source.num_classes],
                    "columns": logits, "bytes_per_row": {c: bytes_per_row.get(c) for c in logits.values()}},
@@ -292,7 +313,7 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float, resume_sta
         cache_id=target.cache_id,
         teacher=teachers[PRIMARY_TEACHER],
         teachers=teachers,
-        dataset=target.identity["dataset"],
+        dataset={**target.identity["dataset"], **({"tokenizer": tok} if (tok := _save_tokenizer(cfg, target)) else {})},
         outputs=_outputs_record(cfg, target, shapes, bytes_per_row),
         num_classes=target.source.num_classes,
         input_shape=list(target.source.input_shape),
@@ -307,6 +328,19 @@ def _publish(cfg: PrecomputeConfig, target: CacheTarget, wall: float, resume_sta
     )
     write_manifest(target.uri, manifest)
     return manifest
+
+
+def _save_tokenizer(cfg: PrecomputeConfig, target: CacheTarget) -> dict | None:
+    """A text cache carries its tokenizer, so every student (and any later decoding) uses the same one."""
+    if cfg.source.kind != "text":
+        return None
+    from pipeline.data import text
+    from pipeline.data.sources import text_tokenizer
+
+    tok = text_tokenizer(cfg.source)
+    text.save_tokenizer(tok, storage.join(target.uri, TOKENIZER_FILE))
+    return {"path": TOKENIZER_FILE, "digest": text.tokenizer_digest(tok), "vocab_size": tok.get_vocab_size(),
+            "kind": cfg.source.tokenizer.kind}
 
 
 def _teacher_nodes() -> list[str]:

@@ -26,7 +26,12 @@ class CacheTarget:
 
 
 def teacher_identity(teacher: ModelSpec) -> dict[str, Any]:
-    return {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights)}
+    identity = {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights)}
+    if teacher.factory.endswith(":hf_causal_lm") and "path" in teacher.kwargs:
+        from pipeline.models.lm import hf_weights_digest
+
+        identity["files_sha256"] = hf_weights_digest(teacher.kwargs["path"])  # a saved HF model directory
+    return identity
 
 
 # The fields of `outputs.logits` that change the content, per mode; the others do not split caches.

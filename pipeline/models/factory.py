@@ -15,9 +15,10 @@ from pipeline.cache import storage
 from pipeline.config import ModelSpec
 from pipeline.errors import DistillError
 
-# Factories built in this process, in order. Train workers report it, so a test can check
-# inside the worker that no teacher was ever constructed there.
+# Factories built and weights loaded in this process, in order. Train workers report them, so a
+# test can check inside the worker that no teacher was ever constructed there.
 BUILT_IN_THIS_PROCESS: list[str] = []
+LOADED_IN_THIS_PROCESS: list[str] = []
 
 
 def resolve_factory(factory: str) -> Callable[..., nn.Module]:
@@ -82,6 +83,7 @@ def save_state(model: nn.Module, uri: str) -> None:
 
 
 def load_state(model: nn.Module, uri: str) -> None:
+    LOADED_IN_THIS_PROCESS.append(uri)
     if not storage.exists(uri):
         raise DistillError(f"weights {uri!r} do not exist", "train them first (distill fit-teacher CONFIG) or fix `weights`")
     state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)

@@ -24,7 +24,7 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.cache.verify import check_files
 from pipeline.config import TrainConfig, load_precompute_config
 from pipeline.errors import DistillError
-from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
+from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS, build_model, output_width
 from pipeline.runtime import ensure_ray, quiet_data_context
 from pipeline.student.losses import DistillationLoss, LossInputs
 from pipeline.student.model import build_student, loss_inputs
@@ -104,9 +104,14 @@ def batch_dtypes(columns: list[str]) -> dict[str, torch.dtype]:
     return {c: torch.int64 if c == LABEL else torch.float32 for c in columns}
 
 
-def teacher_evidence(teacher_factory: str | None) -> list[str]:
-    """Signs that a teacher was loaded into this process: its factory was built, or stage 1 was imported."""
-    found = [f"built {f}" for f in BUILT_IN_THIS_PROCESS if teacher_factory and f == teacher_factory]
+def teacher_evidence(teacher_factory: str | None, teacher_weights: str | None = None) -> list[str]:
+    """Signs that a teacher was loaded into this process: its weights were read (or, for a teacher
+    without weights file, its factory was built), or stage 1 was imported. A student of the
+    teacher's own architecture (born-again) is not a teacher: it does not read the teacher's weights."""
+    if teacher_weights:
+        found = [f"loaded {w}" for w in LOADED_IN_THIS_PROCESS if w == teacher_weights]
+    else:
+        found = [f"built {f}" for f in BUILT_IN_THIS_PROCESS if teacher_factory and f == teacher_factory]
     found += [f"imported {m}" for m in sorted(sys.modules) if m == "pipeline.teacher" or m.startswith("pipeline.teacher.")]
     return found
 
@@ -156,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = start_epoch
 
     # Checked inside the worker: how many workers show any sign of a teacher.
-    evidence = teacher_evidence(config.get("teacher_factory"))
+    evidence = teacher_evidence(config.get("teacher_factory"), config.get("teacher_weights"))
     flag = torch.tensor([1.0 if evidence else 0.0])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag)
@@ -272,6 +277,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             "train": cfg.model_dump(),
             "manifest": manifest.model_copy(update={"shards": [], "config": {}}).model_dump(),
             "teacher_factory": manifest.teacher.get("factory"),
+            "teacher_weights": manifest.teacher.get("weights"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

@@ -72,6 +72,12 @@ def test_teacher_evidence_detects_a_built_teacher_and_stage1_imports(monkeypatch
     assert teacher_evidence("pipeline.models.builtin:digits_cnn") == ["built pipeline.models.builtin:digits_cnn"]
     monkeypatch.setitem(sys.modules, "pipeline.teacher.inference", object())
     assert "imported pipeline.teacher.inference" in teacher_evidence(None)
+    # A teacher with weights: reading them is the evidence, building the same architecture is not (born-again).
+    monkeypatch.setattr("pipeline.student.trainer.LOADED_IN_THIS_PROCESS", ["/w/student.pt"])
+    monkeypatch.delitem(sys.modules, "pipeline.teacher.inference")
+    assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == []
+    monkeypatch.setattr("pipeline.student.trainer.LOADED_IN_THIS_PROCESS", ["/w/teacher.pt"])
+    assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == ["loaded /w/teacher.pt"]
 
 
 def test_student_package_never_imports_teacher():

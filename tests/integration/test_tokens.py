@@ -1,0 +1,136 @@
+"""Token caches through both stages on a local Ray: a small causal LM teacher over standard-library
+text, top-k with exact tail mass, sampled draws and teacher sequences, and the errors a student
+of the wrong vocabulary or temperature gets before any worker starts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cache.identity import resolve_target
+from pipeline.cache.manifest import read_manifest
+from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID, TEACHER_SEQUENCE, TOKENIZER_FILE, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
+from pipeline.cli import main
+from pipeline.config import load_precompute_config
+from pipeline.data.sources import load_split
+from pipeline.data.text import load_tokenizer
+from pipeline.models.factory import build_model
+from tests.conftest import write_yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+TEACHER = {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 32, "n_layers": 1, "n_heads": 2}}
+SOURCE = {"kind": "text", "seq_len": 16, "val_fraction": 0.25, "max_bytes": 40_000, "tokenizer": {"kind": "bpe", "vocab_size": 400}}
+
+
+@pytest.fixture(scope="module")
+def lm_teacher(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    data = {"source": SOURCE, "teacher": {**TEACHER, "weights": str(root / "teacher.pt"),
+                                          "fit": {"epochs": 3, "lr": 0.01, "batch_size": 32, "shift": 0}},
+            "outputs": {"logits": {"mode": "topk", "k": 8, "temperatures": [1.0, 2.0], "values": "uint8"}},
+            "cache_root": str(root / "cache"), "batch_size": 64}
+    path = write_yaml(root / "precompute.yaml", data)
+    assert main(["fit-teacher", path]) == 0
+    assert main(["precompute", path]) == 0
+    return {"root": root, "path": path, "data": data}
+
+
+def _rows(uri, split="val"):
+    m = read_manifest(uri)
+    return m, pq.read_table([f"{uri}/{e.path}" for e in m.shards_of(split)])
+
+
+def test_topk_cache_holds_the_teachers_exact_buckets(lm_teacher):
+    cfg = load_precompute_config(lm_teacher["path"])
+    uri = resolve_target(cfg).uri
+    m, table = _rows(uri)
+    spec = m.outputs["logits"]
+    assert spec["mode"] == "topk" and spec["k"] == 8 and spec["temperatures"] == [1.0, 2.0]
+    assert 0 < spec["bytes_per_token"] < 8 * 2 + 8 + 2 * 4 + 1  # uint16 ids + uint8 values + 2 lse, compressed
+    assert m.num_classes == 400 and m.input_shape == [16]
+    # The tokenizer travels with the cache and is the one the ids came from.
+    tok = load_tokenizer(f"{uri}/{TOKENIZER_FILE}")
+    assert tok.get_vocab_size() == 400 and m.dataset["tokenizer"]["vocab_size"] == 400
+    val = load_split(cfg.source, "val")
+    order = {s: i for i, s in enumerate(table.column(SAMPLE_ID).to_pylist())}
+    rows = [order[s] for s in val[SAMPLE_ID]]
+    col = {c: table.column(c).combine_chunks().to_numpy()[rows] for c in (TOPK_INDICES, TOPK_VALUES, TOPK_LSE, INPUT_IDS, LENGTH)}
+    assert col[TOPK_INDICES].dtype == np.uint16 and col[TOPK_VALUES].dtype == np.uint8
+    np.testing.assert_array_equal(col[INPUT_IDS], val[INPUT_IDS])
+    # Recompute the teacher here: stored ids are its top-8, stored lse its full-vocabulary normaliser.
+    teacher = build_model(cfg.teacher, input_shape=(16,), num_classes=400).eval()
+    with torch.inference_mode():
+        z = teacher(torch.from_numpy(val[INPUT_IDS][:, :-1].astype(np.int64))).float()
+    top = z.topk(8, dim=-1)
+    mask = np.arange(16)[None, :] < val[LENGTH][:, None] - 1
+    agree = (col[TOPK_INDICES][..., 0].astype(np.int64) == top.indices[..., 0].numpy())[mask].mean()
+    assert agree > 0.99
+    for i, t in enumerate((1.0, 2.0)):
+        lse_rel = torch.logsumexp(z / t, -1) - top.values[..., 0] / t
+        np.testing.assert_allclose(col[TOPK_LSE][..., i][mask], lse_rel.numpy()[mask], rtol=1e-4, atol=1e-4)
+    offsets = (top.values[..., :1] - top.values).numpy()
+    assert np.abs(col[TOPK_VALUES][mask] * (1 / 16) - offsets[mask]).max() <= 1 / 32 + 1e-3
+
+
+def test_students_train_from_topk_and_sampled_caches(lm_teacher, tmp_path):
+    for mode, extra in (("topk", {}), ("sampled", {"temperatures": [1.0]})):
+        pre = dict(lm_teacher["data"])
+        pre["outputs"] = {"logits": {**lm_teacher["data"]["outputs"]["logits"], "mode": mode, **extra}}
+        pre_path = write_yaml(tmp_path / f"pre-{mode}.yaml", pre)
+        assert main(["precompute", pre_path]) == 0
+        train = {"precompute": pre_path, "student": {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
+                 "loss": {"temperature": 1.0, "terms": {"kd": 0.5, "ce": 0.5}}, "optimizer": {"name": "adamw", "lr": 0.01},
+                 "epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs"),
+                 "name": f"student-{mode}"}
+        assert main(["train", write_yaml(tmp_path / f"train-{mode}.yaml", train)]) == 0
+        result = json.loads((tmp_path / "runs" / f"student-{mode}" / "result.json").read_text())
+        hist = result["history"]
+        assert hist[-1]["val_perplexity"] < hist[0]["val_perplexity"] and np.isfinite(hist[-1]["train_kd"])
+        assert 1 < result["metrics"]["val_perplexity"] < 400  # better than uniform over the vocabulary
+        assert result["workers_with_teacher"] == 0
+        if mode == "topk":
+            assert 0 <= result["metrics"]["val_agreement"] <= 1
+
+
+def test_wrong_vocabulary_or_temperature_fails_before_any_worker(lm_teacher, tmp_path, capsys):
+    base = {"precompute": lm_teacher["path"], "loss": {"temperature": 1.0, "terms": {"kd": 1.0}},
+            "student": {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
+            "storage_path": str(tmp_path / "runs"), "num_workers": 1}
+    wrong_vocab = {**base, "student": {**base["student"], "kwargs": {**base["student"]["kwargs"], "num_classes": 500}}}
+    assert main(["train", write_yaml(tmp_path / "v.yaml", wrong_vocab)]) == 2
+    assert "vocabulary of 500" in capsys.readouterr().err
+    assert main(["train", write_yaml(tmp_path / "t.yaml", {**base, "loss": {"temperature": 4.0, "terms": {"kd": 1.0}}})]) == 2
+    err = capsys.readouterr().err
+    assert "serves temperatures [1.0, 2.0], not 4.0" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_sequence_level_kd_stores_the_teachers_greedy_continuations(lm_teacher, tmp_path):
+    pre = dict(lm_teacher["data"])
+    pre["outputs"] = {"logits": {"mode": "sequences", "prompt_tokens": 4, "new_tokens": 8, "strategy": "greedy"}}
+    path = write_yaml(tmp_path / "pre-seq.yaml", pre)
+    assert main(["precompute", path]) == 0
+    cfg = load_precompute_config(path)
+    m, table = _rows(resolve_target(cfg).uri, "train")
+    seq = table.column(TEACHER_SEQUENCE).combine_chunks().to_numpy()[:8].astype(np.int64)
+    ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:8].astype(np.int64)
+    assert seq.shape == (8, 12) and (seq[:, :4] == ids[:, :4]).all()
+    teacher = build_model(cfg.teacher, input_shape=(16,), num_classes=400).eval()
+    with torch.inference_mode():
+        cur = torch.from_numpy(seq[:, :4])
+        for _ in range(8):
+            cur = torch.cat([cur, teacher(cur)[:, -1].argmax(-1, keepdim=True)], 1)
+    np.testing.assert_array_equal(seq, cur.numpy())
+    train = {"precompute": path, "student": {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
+             "loss": {"terms": {"ce": 1.0}}, "optimizer": {"name": "adamw", "lr": 0.01}, "epochs": 1, "batch_size": 32,
+             "num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs"), "name": "seqkd"}
+    assert main(["train", write_yaml(tmp_path / "train-seq.yaml", train)]) == 0
+    result = json.loads((tmp_path / "runs" / "seqkd" / "result.json").read_text())
+    assert np.isfinite(result["metrics"]["val_perplexity"])
+    kd = {**train, "name": "seqkd-kd", "loss": {"terms": {"kd": 1.0}}}
+    assert main(["train", write_yaml(tmp_path / "train-seq-kd.yaml", kd)]) == 2  # a sequences cache has no logits

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-resume cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-resume bench-topk cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: $(STAMP)
 
 bench-resume: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.resume
+
+bench-topk: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.topk
 
 clean:
 	rm -rf runs .pytest_cache

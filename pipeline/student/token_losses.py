@@ -209,9 +209,11 @@ def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     """
     dtype = _compute_dtype(student_logits)
     t = float(temperature)
-    log_p = F.log_softmax(_keep(teacher_logits.to(dtype), mask) / t, dim=-1)
+    # Clamped so an underflowed teacher probability gives 0 * finite, not 0 * -inf; one fused kernel.
+    log_p = F.log_softmax(_keep(teacher_logits.to(dtype), mask) / t, dim=-1).clamp_min(-1e4)
     log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
-    return (t * t) * _masked_mean(_bucket_kl(log_p, log_q), mask)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1)
+    return (t * t) * _masked_mean(kl, mask)
 
 
 def token_ce_loss(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

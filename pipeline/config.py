@@ -241,6 +241,9 @@ class LossConfig(_Strict):
     # average: KL to the weighted mean of the teachers' softened distributions;
     # per_teacher: the weighted sum of one KL term per teacher.
     multi_teacher: Literal["average", "per_teacher"] = "average"
+    # Top-k token caches: `bucket` is the exact KL over the k stored tokens + one rest bucket;
+    # `uniform` also spreads the exact rest mass evenly over the tokens not stored (full-vocabulary KL).
+    topk_tail: Literal["bucket", "uniform"] = "bucket"
 
     @model_validator(mode="after")
     def _pairs_for_terms(self) -> "LossConfig":

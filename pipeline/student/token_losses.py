@@ -11,6 +11,8 @@ Computation is in float32, or float64 when the student logits are float64 (gradc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -263,3 +265,38 @@ def lm_eval_sums(
         "agree": float((pred == teacher_top1.long())[keep].sum().item()),
         "correct": float((pred == targets)[keep].sum().item()),
     }
+
+
+def topk_uniform_tail_kd_loss(
+    student_logits: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    quantised_step: float | None = None,
+) -> torch.Tensor:
+    """Top-k KD over the full vocabulary: the stored tokens keep their exact p_i, and the exact rest
+    mass is spread evenly over the V - k tokens not stored; T^2 KL(target || q_T), masked mean.
+
+    Equals the bucket KL plus P_rest * KL(uniform || q restricted to the tail), so it also shapes
+    the student's tail instead of leaving it free: on small data that keeps the perplexity of the
+    tokens the teacher ranked low from blowing up (measured in `make bench-topk`). The uniform tail
+    is an assumption about what the cache does not store; the bucket loss assumes nothing.
+
+    Args: as for topk_kd_loss.
+    """
+    vocab = student_logits.shape[-1]
+    dtype = _compute_dtype(student_logits)
+    idx = _keep(indices.long(), mask).clamp(0, vocab - 1)
+    values = _keep(values, mask)
+    lse = _keep(lse.to(dtype), mask)
+    log_p = teacher_buckets(values, lse, temperature, quantised_step, vocab_size=vocab)  # (B, L, k + 1)
+    k = idx.shape[-1]
+    tail = (log_p[..., -1:] - math.log(max(vocab - k, 1))).clamp_min(-1e4)
+    target = tail.expand(*idx.shape[:-1], vocab).clone()
+    target.scatter_(-1, idx, log_p[..., :-1].clamp_min(-1e4))
+    log_q = F.log_softmax(student_logits.to(dtype) / float(temperature), dim=-1)
+    kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(dim=-1)
+    t = float(temperature)
+    return (t * t) * _masked_mean(kl, mask)

@@ -14,7 +14,8 @@ from pipeline.cache.schema import (INPUT_IDS, LENGTH, LOGITS, SAMPLED_INDICES, S
                                    TOPK_INDICES, TOPK_LSE, TOPK_VALUES)
 from pipeline.config import LossConfig
 from pipeline.errors import DistillError
-from pipeline.student.token_losses import full_kd_loss, lm_eval_sums, sampled_kd_loss, token_ce_loss, topk_kd_loss
+from pipeline.student.token_losses import (full_kd_loss, lm_eval_sums, sampled_kd_loss, token_ce_loss, topk_kd_loss,
+                                          topk_uniform_tail_kd_loss)
 
 _MODE_COLUMNS = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
                  "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}
@@ -56,7 +57,7 @@ class TokenDistillationLoss:
     (exact over k+1 buckets for top-k), `ce` next-token cross-entropy (on the teacher's
     continuations for a sequences cache)."""
 
-    def __init__(self, terms: Mapping[str, float], temperature: float, spec: Mapping[str, Any]) -> None:
+    def __init__(self, terms: Mapping[str, float], temperature: float, spec: Mapping[str, Any], topk_tail: str = "bucket") -> None:
         self.terms = {n: float(w) for n, w in terms.items() if w > 0}
         self.temperature = float(temperature)
         self.mode = spec["mode"]
@@ -64,6 +65,7 @@ class TokenDistillationLoss:
         self.lse_index = min(range(len(temps)), key=lambda i: abs(temps[i] - self.temperature))
         self.step = spec.get("step") if spec.get("values") == "uint8" else None
         self.prompt = spec.get("prompt_tokens", 0)
+        self.topk_loss = topk_uniform_tail_kd_loss if topk_tail == "uniform" else topk_kd_loss
 
     def sequence(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L + 1), mask (B, L) of the targets that count) of the training sequences."""
@@ -86,7 +88,7 @@ class TokenDistillationLoss:
         if "kd" in self.terms:
             t = self.temperature
             if self.mode == "topk":
-                parts["kd"] = topk_kd_loss(logits, batch[TOPK_INDICES], batch[TOPK_VALUES], batch[TOPK_LSE][..., self.lse_index],
+                parts["kd"] = self.topk_loss(logits, batch[TOPK_INDICES], batch[TOPK_VALUES], batch[TOPK_LSE][..., self.lse_index],
                                            mask, t, quantised_step=self.step)
             elif self.mode == "sampled":
                 parts["kd"] = sampled_kd_loss(logits, batch[SAMPLED_INDICES], batch[SAMPLED_WEIGHTS], mask, t)

@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens = is_token_cache(manifest)
     if tokens:
         model = build_model(cfg.student, input_shape=tuple(manifest.input_shape), num_classes=manifest.num_classes)
-        loss_fn: Any = TokenDistillationLoss(cfg.loss.terms, cfg.loss.temperature, manifest.outputs["logits"])
+        loss_fn: Any = TokenDistillationLoss(cfg.loss.terms, cfg.loss.temperature, manifest.outputs["logits"], cfg.loss.topk_tail)
         dtypes = token_dtypes(token_columns(manifest))
         inputs_of = loss_fn.inputs
     else:

@@ -134,3 +134,28 @@ def test_sequence_level_kd_stores_the_teachers_greedy_continuations(lm_teacher, 
     assert np.isfinite(result["metrics"]["val_perplexity"])
     kd = {**train, "name": "seqkd-kd", "loss": {"terms": {"kd": 1.0}}}
     assert main(["train", write_yaml(tmp_path / "train-seq-kd.yaml", kd)]) == 2  # a sequences cache has no logits
+
+
+def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
+    """`from_pretrained` on a directory saved here (nothing downloaded); its vocabulary is the byte tokenizer's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-gpt2"
+    config = transformers.GPT2Config(vocab_size=258, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    data = {"source": {**SOURCE, "max_bytes": 8000, "tokenizer": {"kind": "byte"}},
+            "teacher": {"factory": "pipeline.models.lm:hf_causal_lm", "kwargs": {"path": str(model_dir)}},
+            "outputs": {"logits": {"mode": "topk", "k": 4, "temperatures": [1.0], "values": "float16"}},
+            "cache_root": str(tmp_path / "cache")}
+    path = write_yaml(tmp_path / "pre-hf.yaml", data)
+    assert main(["precompute", path]) == 0
+    cfg = load_precompute_config(path)
+    uri = resolve_target(cfg).uri
+    m, table = _rows(uri, "train")
+    assert m.num_classes == 258 and m.teacher["files_sha256"]
+    ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:4].astype(np.int64)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        expected = hf(torch.from_numpy(ids[:, :-1])).logits.topk(4, dim=-1)
+    stored = table.column(TOPK_VALUES).combine_chunks().to_numpy()[:4].astype(np.float32)
+    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=1e-2, atol=1e-2)

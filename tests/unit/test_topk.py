@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import SAMPLED_INDICES, SAMPLED_WEIGHTS, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
 from pipeline.student.token_losses import (
+    topk_uniform_tail_kd_loss,
     full_kd_loss,
     lm_eval_sums,
     sampled_kd_loss,
@@ -396,3 +397,30 @@ def test_encode_sampled_estimates_p_t(t_q, k):
     np.add.at(est, enc[SAMPLED_INDICES].reshape(-1).astype(np.int64), enc[SAMPLED_WEIGHTS].reshape(-1).astype(np.float64))
     est /= tokens
     assert np.abs(est - p_t).max() < 0.02
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_uniform_tail_is_full_kl_to_the_spread_target_and_bucket_kl_plus_tail_term(temp):
+    z = fp16_exact(teacher_logits(6))
+    s = teacher_logits(7, scale=2.0).double()
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    idx, vals, lse = columns(encode_topk(z, K, TEMPS, values="float16"), TEMPS.index(temp))
+    got = topk_uniform_tail_kd_loss(s, idx, vals, lse, mask, temp).item()
+    # Brute force in float64: target p_i on the stored ids, the exact rest spread evenly elsewhere.
+    zz = z.double() / temp
+    p = zz.softmax(-1)
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(L):
+            if not mask[b, t]:
+                continue
+            top = zz[b, t].topk(K).indices
+            target = torch.full((V,), float((1 - p[b, t, top].sum()) / (V - K)), dtype=torch.float64)
+            target[top] = p[b, t, top]
+            q = (s[b, t] / temp).softmax(-1)
+            total += float((target * (target / q).log()).sum())
+            n += 1
+    assert got == pytest.approx(temp * temp * total / n, rel=1e-4)
+    # Decomposition: bucket KL + P_rest * KL(uniform over the tail || student's normalised tail) >= bucket KL.
+    bucket = topk_kd_loss(s, idx, vals, lse, mask, temp).item()
+    assert got > bucket > 0

@@ -18,14 +18,15 @@ from pipeline.student.losses import DistillationLoss
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], loss_fn: DistillationLoss,
                 optimizer: torch.optim.Optimizer,
-                inputs_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> dict[str, float]:
+                inputs_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """One pass; returns the sample-weighted mean of every loss term and the sample count.
 
     `inputs_of` picks the model's input from a batch (default: the `x` column; token caches
-    feed ids[:, :-1])."""
+    feed ids[:, :-1]); `on_step(step, samples)` is called after every step (progress lines)."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
-    samples = 0
+    samples = steps = 0
     for batch in batches:
         inputs = inputs_of(batch) if inputs_of else batch[X]
         parts = loss_fn(model(inputs), batch)
@@ -37,6 +38,9 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Ten
         # Summed on the device: a float() here would sync a GPU on every step.
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value.detach() * n
+        steps += 1
+        if on_step:
+            on_step(steps, samples)
     return {**{f"train_{k}": float(v) / max(samples, 1) for k, v in sums.items()}, "train_samples": samples}
 
 

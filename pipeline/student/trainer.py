@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pipeline.cache.verify import check_files
 from pipeline.config import TrainConfig, load_precompute_config
 from pipeline.errors import DistillError
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS, build_model, output_width
+from pipeline.progress import Throttle, progress_line
 from pipeline.runtime import ensure_ray, quiet_data_context
 from pipeline.student.losses import DistillationLoss, LossInputs
 from pipeline.student.model import build_student, loss_inputs
@@ -170,14 +172,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, cfg.batch_size // world)
+    steps_per_epoch = math.ceil(config.get("train_rows", 0) / world / per_worker_batch)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
+        # Rank 0 prints a step line every 10 s within long epochs (through logging: shows in `ray job logs`).
+        throttle = Throttle(logger.info, every=10.0)
+        throttle.last = time.monotonic()
+
+        def on_step(step: int, samples: int, epoch: int = epoch, started: float = started, throttle: Throttle = throttle) -> None:
+            if rank == 0:
+                throttle(lambda: f"epoch {epoch + 1}/{cfg.epochs}  " + progress_line(
+                    "step", step, steps_per_epoch, time.time() - started, unit="steps").removeprefix("step: "))
+
         batches = train_shard.iter_torch_batches(
             batch_size=per_worker_batch, dtypes=dtypes, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
         )
-        stats = train_epoch(ddp_model, batches, loss_fn, optimizer, inputs_of)
+        stats = train_epoch(ddp_model, batches, loss_fn, optimizer, inputs_of, on_step)
         train_s = time.time() - started
         val_batches = val_shard.iter_torch_batches(batch_size=64 if tokens else 1024, dtypes=dtypes)
         evaluated = (evaluate_tokens(ddp_model, val_batches, manifest.outputs["logits"]["mode"]) if tokens
@@ -278,6 +290,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
             "manifest": manifest.model_copy(update={"shards": [], "config": {}}).model_dump(),
             "teacher_factory": manifest.teacher.get("factory"),
             "teacher_weights": manifest.teacher.get("weights"),
+            "train_rows": manifest.rows_by_split["train"],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,

@@ -8,6 +8,7 @@ checksums -> manifest, written last.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
 from pipeline.errors import DistillError
 from pipeline.models.factory import resolve_factory
+from pipeline.progress import progress_line
 from pipeline.runtime import ensure_ray
 from pipeline.teacher.inference import TeacherPredictor
 from pipeline.teacher.writer import ShardNames
@@ -102,6 +104,30 @@ def _checkpointing(cache_uri: str):
         yield
     finally:
         ctx.checkpoint_config = saved
+
+
+@contextmanager
+def _progress(cache_uri: str, skipped: int, todo: int, log, every: float = 5.0):
+    """While the pass runs, a line every `every` seconds: rows committed (Ray Data's checkpoint,
+    so what a restart would keep), rows/s and ETA. In the driver's stdout, so also in `ray job logs`."""
+    stop = threading.Event()
+    started = time.time()
+
+    def report() -> None:
+        while not stop.wait(every):
+            try:
+                done = max(0, committed_rows(cache_uri) - skipped)
+            except OSError:  # a listing racing a commit; try again next tick
+                continue
+            log(progress_line("precompute", min(done, todo), todo, time.time() - started))
+
+    thread = threading.Thread(target=report, name="precompute-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every)
 
 
 def committed_rows(cache_uri: str) -> int:
@@ -216,8 +242,9 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
         )
         try:
             # One pass over all rows; the split becomes the directory (shards/split=train/...).
-            ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
-                             max_rows_per_file=cfg.rows_per_shard)
+            with _progress(target.uri, skipped, rows_total - skipped, log):
+                ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
+                                 max_rows_per_file=cfg.rows_per_shard)
         except Exception as e:
             raise DistillError(f"the teacher stage failed: {_root_cause(e)}",
                                "see the Ray logs above; nothing was published, run again to resume") from None

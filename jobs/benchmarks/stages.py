@@ -31,8 +31,8 @@ from pipeline.data.sources import describe, load_split
 from pipeline.models.builtin import heavy_cnn
 from pipeline.models.factory import build_model, save_state
 from pipeline.runtime import ensure_ray
-from pipeline.student.losses import DistillationLoss
 from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student.losses import DistillationLoss
 from pipeline.student.trainer import run_train
 from pipeline.teacher.plan import run_precompute
 

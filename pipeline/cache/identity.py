@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.cache import storage
 from pipeline.cache.key import cache_identity, cache_key
+from pipeline.cache.schema import LOGITS_FIELDS
 from pipeline.config import ModelSpec, PrecomputeConfig
 from pipeline.data.sources import SourceInfo, describe
 from pipeline.models.factory import weights_digest
@@ -34,19 +35,10 @@ def teacher_identity(teacher: ModelSpec) -> dict[str, Any]:
     return identity
 
 
-# The fields of `outputs.logits` that change the content, per mode; the others do not split caches.
-_LOGITS_FIELDS = {
-    "full": ("mode", "dtype"),
-    "topk": ("mode", "k", "temperatures", "values", "step"),
-    "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
-    "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed"),
-}
-
-
 def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
     outputs = cfg.outputs.model_dump()
     logits = outputs["logits"]
-    fields = _LOGITS_FIELDS[logits["mode"]]
+    fields = LOGITS_FIELDS[logits["mode"]]
     if logits["mode"] == "topk" and logits["values"] == "float16":
         fields = tuple(f for f in fields if f != "step")
     outputs["logits"] = {f: logits[f] for f in fields}

@@ -35,3 +35,14 @@ SAMPLED_INDICES = "sampled_indices"  # (L, k) sampled KD: distinct token ids dra
 SAMPLED_WEIGHTS = "sampled_weights"  # (L, k) float16 importance weights summing to 1 per token (0 = padding)
 TEACHER_SEQUENCE = "teacher_sequence"  # (P + N,) int32: P prompt tokens from the row, then N the teacher generated
 TOKENIZER_FILE = "tokenizer.json"  # text caches: the tokenizer the ids come from, beside manifest.json
+
+# Per logits mode of a token cache: the teacher columns it stores, and the `outputs.logits`
+# fields that change its content (the cache key and the manifest use the same lists).
+TOKEN_MODE_COLUMNS = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
+                      "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}
+LOGITS_FIELDS = {
+    "full": ("mode", "dtype"),
+    "topk": ("mode", "k", "temperatures", "values", "step"),
+    "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
+    "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed"),
+}

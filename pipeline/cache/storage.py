@@ -18,7 +18,6 @@ from fsspec.core import url_to_fs
 
 from pipeline.errors import DistillError
 
-
 _S3_SCHEMES = ("s3://", "s3a://")
 _options: dict[str, str | None] = {"endpoint_url": None, "region": None}
 

@@ -126,6 +126,16 @@ def _bucket_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(present, p * (safe_log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
+def _cached_buckets(student_logits: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
+                    mask: torch.Tensor, temperature: float, quantised_step: float | None):
+    """Top-k cache columns with padded positions cleaned, and the teacher's (B, L, k + 1) bucket log-probs."""
+    vocab = student_logits.shape[-1]
+    indices = _keep(indices.long(), mask).clamp(0, vocab - 1)
+    values = _keep(values, mask)
+    lse = _keep(lse.to(_compute_dtype(student_logits)), mask)
+    return indices, values, teacher_buckets(values, lse, temperature, quantised_step, vocab_size=vocab)
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     indices: torch.Tensor,
@@ -154,12 +164,7 @@ def topk_kd_loss(
     Returns:
         Scalar loss.
     """
-    vocab = student_logits.shape[-1]
-    dtype = _compute_dtype(student_logits)
-    indices = _keep(indices.long(), mask).clamp(0, vocab - 1)
-    values = _keep(values, mask)
-    lse = _keep(lse.to(dtype), mask)
-    log_p = teacher_buckets(values, lse, temperature, quantised_step, vocab_size=vocab)
+    indices, values, log_p = _cached_buckets(student_logits, indices, values, lse, mask, temperature, quantised_step)
     valid = None if quantised_step is None else values < _UINT8_SENTINEL
     log_q = student_buckets(student_logits, indices, temperature, valid)
     t = float(temperature)
@@ -287,16 +292,12 @@ def topk_uniform_tail_kd_loss(
     Args: as for topk_kd_loss.
     """
     vocab = student_logits.shape[-1]
-    dtype = _compute_dtype(student_logits)
-    idx = _keep(indices.long(), mask).clamp(0, vocab - 1)
-    values = _keep(values, mask)
-    lse = _keep(lse.to(dtype), mask)
-    log_p = teacher_buckets(values, lse, temperature, quantised_step, vocab_size=vocab)  # (B, L, k + 1)
+    idx, _, log_p = _cached_buckets(student_logits, indices, values, lse, mask, temperature, quantised_step)
     k = idx.shape[-1]
     tail = (log_p[..., -1:] - math.log(max(vocab - k, 1))).clamp_min(-1e4)
     target = tail.expand(*idx.shape[:-1], vocab).clone()
     target.scatter_(-1, idx, log_p[..., :-1].clamp_min(-1e4))
-    log_q = F.log_softmax(student_logits.to(dtype) / float(temperature), dim=-1)
+    log_q = F.log_softmax(student_logits.to(_compute_dtype(student_logits)) / float(temperature), dim=-1)
     kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(dim=-1)
     t = float(temperature)
     return (t * t) * _masked_mean(kl, mask)

@@ -10,15 +10,29 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.schema import (INPUT_IDS, LENGTH, LOGITS, SAMPLED_INDICES, SAMPLED_WEIGHTS, TEACHER_SEQUENCE,
-                                   TOPK_INDICES, TOPK_LSE, TOPK_VALUES)
+from pipeline.cache.schema import (
+    INPUT_IDS,
+    LENGTH,
+    LOGITS,
+    SAMPLED_INDICES,
+    SAMPLED_WEIGHTS,
+    TEACHER_SEQUENCE,
+    TOKEN_MODE_COLUMNS,
+    TOPK_INDICES,
+    TOPK_LSE,
+    TOPK_VALUES,
+)
 from pipeline.config import LossConfig
 from pipeline.errors import DistillError
-from pipeline.student.token_losses import (full_kd_loss, lm_eval_sums, sampled_kd_loss, token_ce_loss, topk_kd_loss,
-                                          topk_uniform_tail_kd_loss)
+from pipeline.student.token_losses import (
+    full_kd_loss,
+    lm_eval_sums,
+    sampled_kd_loss,
+    token_ce_loss,
+    topk_kd_loss,
+    topk_uniform_tail_kd_loss,
+)
 
-_MODE_COLUMNS = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
-                 "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}
 _INT_COLUMNS = {INPUT_IDS, LENGTH, TOPK_INDICES, SAMPLED_INDICES, TEACHER_SEQUENCE}
 
 
@@ -27,7 +41,7 @@ def is_token_cache(manifest: Manifest) -> bool:
 
 
 def token_columns(manifest: Manifest) -> list[str]:
-    return [INPUT_IDS, LENGTH, *_MODE_COLUMNS[manifest.outputs["logits"]["mode"]]]
+    return [INPUT_IDS, LENGTH, *TOKEN_MODE_COLUMNS[manifest.outputs["logits"]["mode"]]]
 
 
 def token_dtypes(columns: list[str]) -> dict[str, torch.dtype]:

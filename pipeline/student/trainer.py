@@ -28,11 +28,17 @@ from pipeline.errors import DistillError
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS, build_model, output_width
 from pipeline.progress import Throttle, progress_line
 from pipeline.runtime import ensure_ray, quiet_data_context
+from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 from pipeline.student.losses import DistillationLoss, LossInputs
 from pipeline.student.model import build_student, loss_inputs
-from pipeline.student.token_task import (TokenDistillationLoss, check_token_loss, evaluate_tokens, is_token_cache,
-                                         token_columns, token_dtypes)
-from pipeline.student.loop import evaluate, make_optimizer, train_epoch
+from pipeline.student.token_task import (
+    TokenDistillationLoss,
+    check_token_loss,
+    evaluate_tokens,
+    is_token_cache,
+    token_columns,
+    token_dtypes,
+)
 
 CHECKPOINT_FILE = "state.pt"
 RESULT_FILE = "result.json"

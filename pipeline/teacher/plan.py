@@ -21,9 +21,20 @@ from pipeline.cache import storage
 from pipeline.cache.identity import CacheTarget, resolve_target
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.manifest import Manifest, ShardEntry, manifest_uri, read_manifest, write_manifest
-from pipeline.cache.schema import (CHECKPOINT_DIR, LOGITS, SAMPLE_ID, SAMPLED_INDICES, SAMPLED_WEIGHTS, SHARDS_DIR,
-                                   SOURCE_DIR, SPLIT, TEACHER_SEQUENCE, TOKENIZER_FILE, TOPK_INDICES, TOPK_LSE, TOPK_VALUES,
-                                   X, logits_column, tap_column)
+from pipeline.cache.schema import (
+    CHECKPOINT_DIR,
+    LOGITS,
+    LOGITS_FIELDS,
+    SAMPLE_ID,
+    SHARDS_DIR,
+    SOURCE_DIR,
+    SPLIT,
+    TOKEN_MODE_COLUMNS,
+    TOKENIZER_FILE,
+    X,
+    logits_column,
+    tap_column,
+)
 from pipeline.cache.verify import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig
 from pipeline.data.sources import SPLITS, load_split, standardize_parquet_batch
@@ -283,11 +294,7 @@ def _outputs_record(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str
     logits = {name: logits_column(name) for name in cfg.all_teachers}
     if cfg.source.kind == "text":
         spec = cfg.outputs.logits
-        columns = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
-                   "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}[spec.mode]
-        fields = {"full": ("mode", "dtype"), "topk": ("mode", "k", "temperatures", "values", "step"),
-                  "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
-                  "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed")}[spec.mode]
+        columns, fields = TOKEN_MODE_COLUMNS[spec.mode], LOGITS_FIELDS[spec.mode]
         per_token = sum(bytes_per_row.get(c, 0.0) for c in columns) / cfg.source.seq_len
         return {"logits": {**{f: getattr(spec, f) for f in fields}, "column": LOGITS, "columns": {PRIMARY_TEACHER: columns[0]},
                            "stored": columns, "shape": [cfg.source.seq_len, target.source.num_classes],

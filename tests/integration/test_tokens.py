@@ -13,7 +13,16 @@ import torch
 
 from pipeline.cache.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
-from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID, TEACHER_SEQUENCE, TOKENIZER_FILE, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
+from pipeline.cache.schema import (
+    INPUT_IDS,
+    LENGTH,
+    SAMPLE_ID,
+    TEACHER_SEQUENCE,
+    TOKENIZER_FILE,
+    TOPK_INDICES,
+    TOPK_LSE,
+    TOPK_VALUES,
+)
 from pipeline.cli import main
 from pipeline.config import load_precompute_config
 from pipeline.data.sources import load_split

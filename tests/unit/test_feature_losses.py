@@ -8,8 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL
-from pipeline.student.losses import (DistillationLoss, LossInputs, attention_loss, deit_hard_loss, hint_loss, kd_loss,
-                                     mixture_targets, rkd_angle_loss, rkd_distance_loss, rkd_loss, soft_target_kd)
+from pipeline.student.losses import (
+    DistillationLoss,
+    LossInputs,
+    attention_loss,
+    deit_hard_loss,
+    hint_loss,
+    kd_loss,
+    mixture_targets,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    soft_target_kd,
+)
 
 torch.manual_seed(0)
 S_EMB = torch.randn(5, 3)

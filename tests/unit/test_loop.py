@@ -7,8 +7,8 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import ModelSpec
 from pipeline.models.builtin import digits_cnn, mlp
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
-from pipeline.student.losses import DistillationLoss
 from pipeline.student.loop import evaluate, make_optimizer, train_epoch
+from pipeline.student.losses import DistillationLoss
 from pipeline.student.trainer import teacher_evidence
 from pipeline.teacher.encode import encode_full_logits
 

@@ -3,8 +3,8 @@
 import torch
 
 from pipeline.progress import Throttle, format_eta, progress_line
-from pipeline.student.losses import DistillationLoss
 from pipeline.student.loop import train_epoch
+from pipeline.student.losses import DistillationLoss
 
 
 def test_progress_line_rate_and_eta():

@@ -10,7 +10,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.cache.schema import LOGITS, X
 from pipeline.config import LossConfig, ModelSpec, TapOutput
 from pipeline.errors import DistillError
-from pipeline.models.builtin import cnn_student, mnist_cnn
+from pipeline.models.builtin import mnist_cnn
 from pipeline.models.taps import attention_map, capture, embedding
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.model import Adapter, build_student, loss_inputs

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import SAMPLED_INDICES, SAMPLED_WEIGHTS, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
 from pipeline.student.token_losses import (
-    topk_uniform_tail_kd_loss,
     full_kd_loss,
     lm_eval_sums,
     sampled_kd_loss,
@@ -17,6 +16,7 @@ from pipeline.student.token_losses import (
     teacher_buckets,
     token_ce_loss,
     topk_kd_loss,
+    topk_uniform_tail_kd_loss,
 )
 from pipeline.teacher.encode import encode_sampled, encode_topk, index_dtype
 

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-resume bench-topk cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-resume bench-topk bench-storage cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -46,6 +46,9 @@ bench-resume: $(STAMP)
 
 bench-topk: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.topk
+
+bench-storage: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.storage
 
 clean:
 	rm -rf runs .pytest_cache

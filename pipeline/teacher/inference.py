@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -34,10 +33,11 @@ class TeacherPredictor:
             name: build_model(ModelSpec.model_validate(spec), input_shape=input_shape, num_classes=num_classes).to(self.device).eval()
             for name, spec in teachers.items()
         }
-        self.taps = [TapOutput.model_validate(t) for t in taps or []]
-        for name, model in self.models.items():  # an unknown module fails here, listing the names
-            find_modules(model, [t.module for t in self.taps if t.teacher == name], owner=f"teacher {name!r}")
-        self.logits_dtype = logits_dtype
+        parsed = [TapOutput.model_validate(t) for t in taps or []]
+        # Grouped once per actor, not per batch; an unknown module fails here, listing the names.
+        self.taps = {name: [t for t in parsed if t.teacher == name] for name in self.models}
+        for name, model in self.models.items():
+            find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = LogitsOutput.model_validate(logits_spec or {"dtype": logits_dtype})
         self.on_gpu = self.device.type == "cuda"
 
@@ -49,12 +49,11 @@ class TeacherPredictor:
             x = x.pin_memory().to(self.device, non_blocking=True)
         out = dict(batch)
         for name, model in self.models.items():
-            taps = [t for t in self.taps if t.teacher == name]
-            with ExitStack() as stack, torch.inference_mode(), \
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
-                captured = stack.enter_context(capture(model, sorted({t.module for t in taps}), owner=f"teacher {name!r}"))
+            taps = self.taps[name]
+            with capture(model, sorted({t.module for t in taps}), owner=f"teacher {name!r}") as captured, \
+                    torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
                 logits = model(x)
-            out[logits_column(name)] = encode_full_logits(logits.float(), self.logits_dtype)
+            out[logits_column(name)] = encode_full_logits(logits.float(), self.spec.dtype)
             for tap in taps:
                 out[tap_column(tap.name)] = encode_tap(captured[tap.module], tap.kind, tap.pool, tap.p)
         return out

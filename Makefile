@@ -39,7 +39,7 @@ cluster-down:
 	deploy/local/down.sh
 
 bench: $(STAMP)
-	$(BIN)/python -m jobs.benchmarks.stages
+	$(BIN)/python -m jobs.benchmarks.stages $(ARGS)
 
 bench-resume: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.resume

@@ -292,6 +292,10 @@ class TrainConfig(_Strict):
     job: JobOptions = Field(default_factory=JobOptions)
     seed: int = 0
     shuffle_buffer: int = Field(4096, ge=0)
+    # Read the cache once into Ray's object store and serve every epoch from there, instead of
+    # streaming the shards again each epoch. None (auto): when the selected columns of both
+    # splits fit in a fifth of the cluster's object store memory.
+    in_memory: bool | None = None
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before the run fails
 
     @model_validator(mode="after")

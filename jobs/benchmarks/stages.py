@@ -1,14 +1,21 @@
 """`make bench`: each stage against a plain PyTorch baseline measured in the same run.
 
-(a) Stage 1: rows/s of the Ray Data teacher pipeline (start of execution to manifest,
-    Ray already up) divided by a bare `torch.inference_mode` loop over the same teacher,
-    batch size and thread count, with a teacher heavy enough that inference dominates.
-(b) Stage 2: samples/s of the Ray Train loop streaming the cache (timed inside the
-    workers over the epoch loop: data, forward, backward, all-reduce) divided by an
-    in-memory loop of the same student, loss and global batch, one process, no Ray,
-    with the same total number of threads.
+(a) Stage 1: rows/s of the teacher pipeline end to end (cache key, staging, Ray Data pass,
+    Parquet write, checksums, manifest; Ray already up) divided by a bare `inference_mode`
+    loop over the same teacher, batch size, device and thread count. Also rows/s with 2
+    teacher actors over 1 (scaling). Target: >= 0.8 on CPU, >= 0.9 on a GPU.
+(b) Stage 2: samples/s of the Ray Train loop streaming the cache (timed inside the worker
+    over the epoch loop) divided by an in-memory loop of the same student, loss and global
+    batch, one process, no Ray, same threads; plus the KD loss's own cost per step and the
+    time the worker waited for data. Target: >= 0.9 for one worker.
+(c) Amortisation: wall time of one teacher pass + N students trained from the cache (the real
+    `run_precompute` + N x `run_train`, each paying Ray Train's start-up) divided by the same
+    N students trained with online KD (the teacher's forward in every step, a plain PyTorch
+    loop with no Ray cost at all), N = 1, 4, 8, teacher >= 10x the student's FLOPs.
+    Target at N = 4: <= 0.35.
 
-Writes runs/bench/stages.json and runs/bench/stages.md.
+Writes runs/bench/stages.json, runs/bench/stages.md and runs/bench/history/stages-<time>.json,
+then exits 1 naming every ratio that missed its target.
 """
 
 from __future__ import annotations
@@ -22,131 +29,414 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import PrecomputeConfig, TeacherConfig, TrainConfig
-from pipeline.data.sources import describe, load_split
-from pipeline.models.builtin import heavy_cnn
+from pipeline.config import PrecomputeConfig, TrainConfig
+from pipeline.data.sources import load_split
 from pipeline.models.factory import build_model, save_state
 from pipeline.runtime import ensure_ray
-from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.trainer import run_train
 from pipeline.teacher.plan import run_precompute
 
-HEAVY = {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": 128}}
-STUDENT = {"factory": "pipeline.models.builtin:mlp", "kwargs": {"hidden": [512, 512]}}
+TARGETS = {  # name -> (target, "min" | "max")
+    "teacher_stage_efficiency": (0.8, "min"),  # 0.9 on a GPU
+    "student_stage_efficiency": (0.9, "min"),
+    "amortisation_n4": (0.35, "max"),
+}
+SOURCE = {"kind": "mnist"}
+KD = {"temperature": 4.0, "terms": {"kd": 0.7, "ce": 0.3}}
+INPUT = (1, 28, 28)
+STAGE2_STUDENT = {"factory": "pipeline.models.builtin:mnist_cnn", "kwargs": {"width": 32}}
+STAGE2_SMALL = {"factory": "pipeline.models.builtin:cnn_student", "kwargs": {"width": 32, "hidden": 128}}
 
 
-def bare_inference_rows_per_s(x: np.ndarray, weights: str, batch_size: int, threads: int) -> float:
-    """The baseline for stage 1: the same teacher in a plain loop, no Ray, no I/O."""
-    torch.set_num_threads(threads)
-    model = build_model(TeacherConfig.model_validate({**HEAVY, "weights": weights}),
-                        input_shape=x.shape[1:], num_classes=10).eval()
-    started = time.perf_counter()
+def spec(factory: str, **kwargs: Any) -> dict[str, Any]:
+    return {"factory": f"pipeline.models.builtin:{factory}", "kwargs": kwargs}
+
+
+def model_of(s: dict[str, Any], weights: str | None = None) -> torch.nn.Module:
+    from pipeline.config import ModelSpec
+
+    return build_model(ModelSpec.model_validate({**s, "weights": weights}), input_shape=INPUT, num_classes=10)
+
+
+def flops_per_sample(model: torch.nn.Module) -> float:
+    """Forward FLOPs of one sample (torch's counter: 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.eval()(torch.zeros(1, *INPUT))
+    return float(counter.get_total_flops())
+
+
+def mnist() -> dict[str, dict[str, np.ndarray]]:
+    cfg = PrecomputeConfig.model_validate({"source": SOURCE, "teacher": spec("mlp")})
+    return {s: load_split(cfg.source, s) for s in ("train", "val")}
+
+
+def tensors(split: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(split["x"]), torch.from_numpy(split["label"])
+
+
+# ---------------------------------------------------------------- baselines (no Ray)
+
+def bare_inference_rows_per_s(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> float:
+    """Stage 1's baseline: the teacher in a plain loop producing the same float16 logits, no I/O."""
+    model.eval()
     with torch.inference_mode():
+        model(torch.from_numpy(x[:batch_size]))  # warm-up, as the actor's first batch is
+        started = time.perf_counter()
         for i in range(0, len(x), batch_size):
             model(torch.from_numpy(x[i:i + batch_size])).to(torch.float16).numpy()
     return len(x) / (time.perf_counter() - started)
 
 
-def bare_training_samples_per_s(train: dict[str, np.ndarray], logits: np.ndarray, cfg: TrainConfig, epochs: int,
-                                threads: int) -> float:
-    """The baseline for stage 2: the same student, loss and global batch over in-memory tensors."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.student, input_shape=train["x"].shape[1:], num_classes=10)
-    opt = make_optimizer(model.parameters(), cfg.optimizer.name, cfg.optimizer.lr)
-    loss = DistillationLoss(cfg.loss.terms, cfg.loss.temperature)
-    x, y, z = torch.from_numpy(train["x"]), torch.from_numpy(train["label"]), torch.from_numpy(logits).float()
+def shuffled(x: torch.Tensor, y: torch.Tensor, batch_size: int, extra: Callable[[torch.Tensor], dict] | None = None,
+             logits: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """In-memory batches in a fresh random order, with the teacher's logits stored or computed now."""
+    for idx in torch.randperm(len(y)).split(batch_size):
+        batch = {"x": x[idx], "label": y[idx]}
+        if logits is not None:
+            batch["teacher_logits"] = logits[idx]
+        if extra is not None:
+            batch.update(extra(batch["x"]))
+        yield batch
+
+
+def bare_training_samples_per_s(student: dict, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, batch_size: int,
+                                epochs: int, seed: int = 0) -> float:
+    """Stage 2's baseline: the same student, loss and global batch over in-memory tensors."""
+    torch.manual_seed(seed)
+    model = model_of(student)
+    opt = make_optimizer(model.parameters(), "adam", 1e-3)
+    loss = DistillationLoss(KD["terms"], KD["temperature"])
     rates = []
     for _ in range(epochs):
-        order = torch.randperm(len(y))
-        batches = ({"x": x[idx], "label": y[idx], "teacher_logits": z[idx]} for idx in order.split(cfg.batch_size))
         started = time.perf_counter()
-        stats = train_epoch(model, batches, loss, opt)
+        stats = train_epoch(model, shuffled(x, y, batch_size, logits=logits), loss, opt)
         rates.append(stats["train_samples"] / (time.perf_counter() - started))
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def kd_loss_cost(student: dict, batch_size: int, repeats: int = 200) -> dict[str, float]:
+    """Milliseconds per step of the student's forward+backward+update with plain CE, and the extra
+    milliseconds the KD loss (softened KL against stored logits, plus CE) adds to the same step."""
+    torch.manual_seed(0)
+    model = model_of(student)
+    opt = make_optimizer(model.parameters(), "adam", 1e-3)
+    batch = {"x": torch.randn(batch_size, *INPUT), "label": torch.randint(0, 10, (batch_size,)),
+             "teacher_logits": torch.randn(batch_size, 10)}
+    kd = DistillationLoss(KD["terms"], KD["temperature"])
+
+    def step(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_of(model(batch["x"])).backward()
+        opt.step()
+
+    def ms(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        for _ in range(10):
+            step(loss_of)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step(loss_of)
+        return (time.perf_counter() - started) / repeats * 1e3
+
+    def loss_only(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        z = torch.randn(batch_size, 10)
+        started = time.perf_counter()
+        for _ in range(repeats * 5):
+            leaf = z.clone().requires_grad_()
+            loss_of(leaf).backward()
+        return (time.perf_counter() - started) / (repeats * 5) * 1e3
+
+    ce_step = min(ms(lambda z: F.cross_entropy(z, batch["label"])) for _ in range(3))
+    kd_step = min(ms(lambda z: kd(z, batch)["loss"]) for _ in range(3))
+    kd_alone = loss_only(lambda z: kd(z, batch)["loss"])
+    ce_alone = loss_only(lambda z: F.cross_entropy(z, batch["label"]))
+    return {"step_ms_ce": ce_step, "step_ms_kd": kd_step, "loss_ms_kd": kd_alone, "loss_ms_ce": ce_alone,
+            "kd_share_of_step": kd_alone / kd_step}
+
+
+def online_kd_student(student: dict, teacher: torch.nn.Module, data: dict, batch_size: int, epochs: int,
+                      seed: int) -> dict[str, float]:
+    """Online KD, the amortisation baseline: the same student and loss, the teacher's forward on
+    every batch. Plain PyTorch over in-memory tensors: no Ray, no storage, no start-up cost."""
+    torch.manual_seed(seed)
+    model = model_of(student)
+    opt = make_optimizer(model.parameters(), "adam", 1e-3)
+    loss = DistillationLoss(KD["terms"], KD["temperature"])
+    teacher.eval()
+
+    def teacher_logits(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return {"teacher_logits": teacher(x).float()}
+
+    x, y = tensors(data["train"])
+    started = time.perf_counter()
+    for _ in range(epochs):
+        train_epoch(model, shuffled(x, y, batch_size, extra=teacher_logits), loss, opt)
+    wall = time.perf_counter() - started
+    vx, vy = tensors(data["val"])
+    val = evaluate(model, [{"x": vx, "label": vy, **teacher_logits(vx)}], KD["temperature"])
+    return {"wall_s": wall, "val_accuracy": val["val_accuracy"]}
+
+
+def fit_teacher(teacher_spec: dict, data: dict, path: str, epochs: int) -> float:
+    """A quickly trained teacher (plain loop), so the students' accuracies mean something."""
+    torch.manual_seed(0)
+    model = model_of(teacher_spec)
+    opt = make_optimizer(model.parameters(), "adam", 1e-3)
+    x, y = tensors(data["train"])
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    save_state(model, path)
+    vx, vy = tensors(data["val"])
+    with torch.inference_mode():
+        return float((model.eval()(vx).argmax(-1) == vy).float().mean())
+
+
+# ---------------------------------------------------------------- the three measurements
+
+def precompute_config(teacher: dict, weights: str, cache_root: str, batch_size: int, actors: int) -> PrecomputeConfig:
+    # 0.5 CPU per actor: torch gets one thread each, and a whole core stays free for reads and writes.
+    return PrecomputeConfig.model_validate({
+        "source": SOURCE, "teacher": {**teacher, "weights": weights}, "cache_root": cache_root,
+        "batch_size": batch_size, "num_actors": actors, "cpus_per_actor": 0.5,
+    })
+
+
+def stage1(work: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
+    teacher = spec("heavy_cnn", width=args.stage1_width)
+    torch.manual_seed(0)
+    weights = os.path.join(work, "stage1-teacher.pt")
+    save_state(model_of(teacher), weights)  # the weights' values do not change the time
+    x = np.concatenate([data[s]["x"] for s in ("train", "val")])
+    torch.set_num_threads(1)
+    print(f"stage 1: bare inference loop over {len(x)} rows, 1 thread", flush=True)
+    bare = bare_inference_rows_per_s(model_of(teacher, weights), x, args.batch_size)
+    runs = []
+    for actors in (1, 2):
+        print(f"stage 1: the teacher pipeline with {actors} actor(s)", flush=True)
+        cfg = precompute_config(teacher, weights, os.path.join(work, f"cache-{actors}"), args.batch_size, actors)
+        started = time.perf_counter()
+        result = run_precompute(cfg, force=True)
+        wall = time.perf_counter() - started
+        rows = result.manifest.rows
+        runs.append({"actors": actors, "rows": rows, "wall_s": wall, "rows_per_s": rows / wall,
+                     "ray_data_wall_s": result.manifest.stats["wall_s"],
+                     "fixed_s": wall - rows / bare / actors})  # what the bare rate does not explain
+    one, two = runs
+    return {"teacher": teacher, "flops_per_sample": flops_per_sample(model_of(teacher)), "batch_size": args.batch_size,
+            "threads_per_actor": 1, "bare_rows_per_s": bare, "runs": runs,
+            "efficiency": one["rows_per_s"] / bare, "scaling_2_over_1": two["rows_per_s"] / one["rows_per_s"]}
+
+
+def stage2(work: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
+    """The headline student (a small CNN, 49 ms a step here) on 1 and 2 workers, and a smaller
+    one on 1 worker, to show how the fixed costs per step and per epoch weigh as the step shrinks."""
+    teacher = spec("mlp", hidden=[64])  # stage 2 never runs the teacher; any cache will do
+    torch.manual_seed(0)
+    weights = os.path.join(work, "stage2-teacher.pt")
+    save_state(model_of(teacher), weights)
+    cfg = precompute_config(teacher, weights, os.path.join(work, "cache-stage2"), 256, 1)
+    cache = run_precompute(cfg, force=True)
+    x, y = tensors(data["train"])
+    with torch.inference_mode():
+        logits = model_of(teacher, weights).eval()(x).to(torch.float16).float()  # what the cache holds
+    runs = []
+    for student, workers in ((STAGE2_STUDENT, 1), (STAGE2_STUDENT, 2), (STAGE2_SMALL, 1)):
+        name = f"{student['factory'].split(':')[1]} width {student['kwargs']['width']}"
+        train_cfg = TrainConfig.model_validate({
+            "cache": cache.uri, "student": student, "epochs": args.epochs, "batch_size": 64, "num_workers": workers,
+            "cpus_per_worker": 0.5, "storage_path": os.path.join(work, "train"), "name": f"stage2-{len(runs)}",
+            "loss": KD, "optimizer": {"name": "adam", "lr": 1e-3},
+        })
+        print(f"stage 2: {name}, Ray Train from the cache, {workers} worker(s)", flush=True)
+        out = run_train(train_cfg, overwrite=True).result
+        steady = out["history"][1:]  # epoch 1 also starts the workers' data path
+        ray_rate = statistics.median(h["samples_per_s"] for h in steady)
+        print(f"stage 2: {name}, in-memory loop, no Ray, {workers} thread(s)", flush=True)
+        torch.set_num_threads(workers)
+        bare = bare_training_samples_per_s(student, x, y, logits, 64, args.epochs)
+        runs.append({"student": student, "name": name, "flops_per_sample": flops_per_sample(model_of(student)),
+                     "workers": workers, "ray_samples_per_s": ray_rate, "bare_samples_per_s": bare, "bare_threads": workers,
+                     "efficiency": ray_rate / bare, "ray_fit_wall_s": out["wall_s"],
+                     "data_wait_share": statistics.median(h["data_wait_seconds"] / h["train_seconds"] for h in steady),
+                     "first_epoch_s": out["history"][0]["train_seconds"],
+                     "steady_epoch_s": statistics.median(h["train_seconds"] for h in steady),
+                     "kd_loss": kd_loss_cost(student, 64 // workers)})
+    torch.set_num_threads(1)
+    return {"train_rows": len(y), "global_batch": 64, "epochs": args.epochs, "runs": runs,
+            "efficiency": runs[0]["efficiency"]}
+
+
+def amortisation(work: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
+    teacher_spec, student = spec("heavy_cnn", width=args.amort_teacher_width), spec("mlp", hidden=[512, 512])
+    t_flops, s_flops = flops_per_sample(model_of(teacher_spec)), flops_per_sample(model_of(student))
+    torch.set_num_threads(1)
+    weights = os.path.join(work, "amort-teacher.pt")
+    print(f"amortisation: fitting the teacher ({t_flops / s_flops:.0f}x the student's FLOPs)", flush=True)
+    teacher_acc = fit_teacher(teacher_spec, data, weights, args.teacher_epochs)
+    n_max = max(args.students)
+
+    print("amortisation: offline, one teacher pass", flush=True)
+    started = time.perf_counter()
+    cache = run_precompute(precompute_config(teacher_spec, weights, os.path.join(work, "cache-amort"), 256, 1), force=True)
+    offline = [time.perf_counter() - started]  # cumulative wall after 0, 1, 2, ... students
+    offline_acc = []
+    for i in range(n_max):
+        print(f"amortisation: offline student {i + 1}/{n_max}", flush=True)
+        cfg = TrainConfig.model_validate({
+            "cache": cache.uri, "student": student, "epochs": args.amort_epochs, "batch_size": 64, "num_workers": 1,
+            "cpus_per_worker": 1, "storage_path": os.path.join(work, "train"), "name": f"offline-{i}", "seed": i,
+            "loss": KD, "optimizer": {"name": "adam", "lr": 1e-3},
+        })
+        started = time.perf_counter()
+        offline_acc.append(run_train(cfg, overwrite=True).result["metrics"]["val_accuracy"])
+        offline.append(offline[-1] + time.perf_counter() - started)
+
+    teacher = model_of(teacher_spec, weights)
+    online, online_acc = [0.0], []
+    for i in range(n_max):
+        print(f"amortisation: online KD student {i + 1}/{n_max}", flush=True)
+        out = online_kd_student(student, teacher, data, 64, args.amort_epochs, seed=i)
+        online.append(online[-1] + out["wall_s"])
+        online_acc.append(out["val_accuracy"])
+    return {
+        "teacher": teacher_spec, "student": student, "teacher_flops_per_sample": t_flops, "student_flops_per_sample": s_flops,
+        "flops_ratio": t_flops / s_flops, "teacher_val_accuracy": teacher_acc, "epochs": args.amort_epochs,
+        "train_rows": len(data["train"]["label"]), "threads": 1, "teacher_pass_s": offline[0],
+        "offline_student_s": [b - a for a, b in zip(offline, offline[1:])],
+        "online_student_s": [b - a for a, b in zip(online, online[1:])],
+        "offline_val_accuracy": offline_acc, "online_val_accuracy": online_acc,
+        "points": [{"n_students": n, "offline_s": offline[n], "online_s": online[n],
+                    "offline_over_online": offline[n] / online[n]} for n in args.students],
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def check(report: dict[str, Any], on_gpu: bool) -> list[str]:
+    """Every ratio that missed its target, in words."""
+    values = {"teacher_stage_efficiency": report.get("teacher_stage_efficiency"),
+              "student_stage_efficiency": report.get("student_stage_efficiency"),
+              "amortisation_n4": next((p["offline_over_online"] for p in report.get("amortisation", []) if p["n_students"] == 4), None)}
+    missed = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        target, kind = TARGETS[name]
+        if name == "teacher_stage_efficiency" and on_gpu:
+            target = 0.9
+        if (value < target) if kind == "min" else (value > target):
+            missed.append(f"{name} = {value:.3f}, target {'>=' if kind == 'min' else '<='} {target}")
+    return missed
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Device: {report['device']}. Command: `{report['command']}`.", ""]
+    if s1 := report["details"].get("stage1"):
+        one, two = s1["runs"]
+        lines += ["| stage 1: teacher pass | rows/s | baseline (same run) | ratio |", "|---|---|---|---|",
+                  f"| heavy_cnn width {s1['teacher']['kwargs']['width']} ({s1['flops_per_sample'] / 1e6:.0f} MFLOP/row), "
+                  f"batch {s1['batch_size']}, 1 actor, 1 thread, end to end | {one['rows_per_s']:,.0f} | "
+                  f"{s1['bare_rows_per_s']:,.0f} bare `inference_mode` loop | **{s1['efficiency']:.2f}** |",
+                  f"| same, 2 actors | {two['rows_per_s']:,.0f} | {one['rows_per_s']:,.0f} with 1 actor | "
+                  f"**{s1['scaling_2_over_1']:.2f}x** |", ""]
+    if s2 := report["details"].get("stage2"):
+        lines += ["| stage 2: train from the cache | samples/s | baseline (same run) | ratio | waiting for data | KD loss share of a step |",
+                  "|---|---|---|---|---|---|"]
+        for r in s2["runs"]:
+            lines.append(f"| {r['name']} ({r['flops_per_sample'] / 1e6:.1f} MFLOP/sample), batch 64, "
+                         f"{r['workers']} worker{'s' if r['workers'] > 1 else ''} | {r['ray_samples_per_s']:,.0f} | "
+                         f"{r['bare_samples_per_s']:,.0f} in-memory loop, {r['bare_threads']} thread"
+                         f"{'s' if r['bare_threads'] > 1 else ''} | **{r['efficiency']:.2f}** | {r['data_wait_share']:.0%} | "
+                         f"{r['kd_loss']['kd_share_of_step']:.1%} ({r['kd_loss']['loss_ms_kd']:.2f} of {r['kd_loss']['step_ms_kd']:.1f} ms) |")
+        lines.append("")
+    if am := report["details"].get("amortisation"):
+        lines += [f"Amortisation: teacher heavy_cnn width {am['teacher']['kwargs']['width']} "
+                  f"({am['teacher_flops_per_sample'] / 1e6:.0f} MFLOP/row, val acc {am['teacher_val_accuracy']:.1%}), "
+                  f"student MLP 784-512-512-10 ({am['student_flops_per_sample'] / 1e6:.2f} MFLOP, "
+                  f"{am['flops_ratio']:.0f}x fewer), {am['epochs']} epochs of {am['train_rows']} rows each, 1 thread. "
+                  f"Teacher pass {am['teacher_pass_s']:.1f} s; a student from the cache "
+                  f"{statistics.median(am['offline_student_s']):.1f} s (Ray Train run, start-up included), with online KD "
+                  f"{statistics.median(am['online_student_s']):.1f} s (plain loop). Val accuracy offline "
+                  f"{statistics.mean(am['offline_val_accuracy']):.2%}, online {statistics.mean(am['online_val_accuracy']):.2%} "
+                  f"(mean over students).", "",
+                  "| students | offline: one teacher pass + N runs | online KD: N runs | offline / online |", "|---|---|---|---|"]
+        lines += [f"| {p['n_students']} | {p['offline_s']:.0f} s | {p['online_s']:.0f} s | **{p['offline_over_online']:.2f}** |"
+                  for p in am["points"]]
+    if report["missed"]:
+        lines += ["", "Missed: " + "; ".join(report["missed"])]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=256, help="teacher batch size")
+    parser.add_argument("--only", default="stage1,stage2,amortisation", help="comma-separated sections to run")
+    parser.add_argument("--batch-size", type=int, default=256, help="stage 1 teacher batch size")
+    parser.add_argument("--stage1-width", type=int, default=192, help="stage 1 heavy_cnn width")
+    parser.add_argument("--epochs", type=int, default=8, help="stage 2 epochs")
+    parser.add_argument("--amort-teacher-width", type=int, default=96)
+    parser.add_argument("--amort-epochs", type=int, default=12)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--students", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    sections = set(args.only.split(","))
+    os.makedirs(os.path.join(args.out, "history"), exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench-", dir=args.out)
+    on_gpu = torch.cuda.is_available()
     ensure_ray()
-
-    # (a) Stage 1 against a bare inference loop.
-    torch.manual_seed(0)
-    weights = os.path.join(work, "heavy.pt")
-    save_state(heavy_cnn(width=HEAVY["kwargs"]["width"]), weights)
-    pre = PrecomputeConfig.model_validate({
-        "source": {"kind": "mnist"}, "teacher": {**HEAVY, "weights": weights}, "cache_root": os.path.join(work, "cache"),
-        "batch_size": args.batch_size, "num_actors": 1, "cpus_per_actor": 1,
-    })
-    x_all = np.concatenate([load_split(pre.source, s)["x"] for s in ("train", "val")])
-    print(f"stage 1: bare inference loop over {len(x_all)} rows", flush=True)
-    bare_rows = bare_inference_rows_per_s(x_all, weights, args.batch_size, threads=1)
-    print("stage 1: the Ray Data pipeline over the same rows", flush=True)
-    started = time.perf_counter()
-    result = run_precompute(pre, force=True)
-    pipe_rows = result.manifest.rows / (time.perf_counter() - started)
-
-    # (b) Stage 2 against an in-memory loop, with 1 worker (the headline) and with 2.
-    train = load_split(pre.source, "train")
-    with torch.inference_mode():
-        logits = build_model(pre.teacher, input_shape=describe(pre.source).input_shape, num_classes=10).eval()(
-            torch.from_numpy(train["x"])).numpy()
-    student_rows = []
-    for workers in (1, 2):
-        train_cfg = TrainConfig.model_validate({
-            "cache": result.uri, "student": STUDENT, "epochs": args.epochs, "batch_size": 64, "num_workers": workers,
-            "cpus_per_worker": 0.5, "storage_path": os.path.join(work, "train"), "name": f"bench-{workers}w",
-            "shuffle_buffer": 4096,
-        })
-        print(f"stage 2: Ray Train from the cache, {workers} worker(s)", flush=True)
-        out = run_train(train_cfg, overwrite=True).result
-        ray_rate = statistics.median(h["samples_per_s"] for h in out["history"][1:])
-        print(f"stage 2: in-memory loop, no Ray, {workers} thread(s)", flush=True)
-        bare_rate = bare_training_samples_per_s(train, logits, train_cfg, args.epochs, threads=workers)
-        student_rows.append({"workers": workers, "ray_samples_per_s": ray_rate, "bare_samples_per_s": bare_rate,
-                             "bare_threads": workers, "efficiency": ray_rate / bare_rate, "ray_fit_wall_s": out["wall_s"]})
-
-    report = {
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "teacher_stage_efficiency": pipe_rows / bare_rows,
-        "student_stage_efficiency": student_rows[0]["efficiency"],
-        "teacher": {**HEAVY, "rows": result.manifest.rows, "batch_size": args.batch_size, "threads": 1,
-                    "pipeline_rows_per_s": pipe_rows, "bare_rows_per_s": bare_rows},
-        "student": {**STUDENT, "train_rows": len(train["label"]), "global_batch": 64, "epochs": args.epochs,
-                    "runs": student_rows, "note": "Ray rate timed inside the workers over the epoch loop (data, "
-                    "forward, backward, all-reduce), median of epochs 2..N; baseline: same student, loss and global "
-                    "batch over in-memory tensors in one process with as many threads as Ray workers"},
-        "command": "make bench",
+    data = mnist()
+    started = time.time()
+    details: dict[str, Any] = {}
+    try:
+        if "stage1" in sections:
+            details["stage1"] = stage1(work, args, data)
+        if "stage2" in sections:
+            details["stage2"] = stage2(work, args, data)
+        if "amortisation" in sections:
+            details["amortisation"] = amortisation(work, args, data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report: dict[str, Any] = {
+        "device": ("cuda: " + torch.cuda.get_device_name()) if on_gpu else
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU)",
+        **({"teacher_stage_efficiency": details["stage1"]["efficiency"]} if "stage1" in details else {}),
+        **({"student_stage_efficiency": details["stage2"]["efficiency"]} if "stage2" in details else {}),
+        **({"amortisation": [{"n_students": p["n_students"], "offline_over_online": p["offline_over_online"]}
+                             for p in details["amortisation"]["points"]]} if "amortisation" in details else {}),
+        "targets": {k: {"value": v, "kind": kind} for k, (v, kind) in TARGETS.items()},
+        "details": details,
+        "wall_s": time.time() - started,
+        "command": " ".join(["python -m jobs.benchmarks.stages", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with open(os.path.join(args.out, "stages.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    table = "\n".join([
-        "| stage | pipeline | baseline (same run) | ratio |",
-        "|---|---|---|---|",
-        f"| 1: teacher ({HEAVY['factory'].split(':')[1]}, batch {args.batch_size}, 1 thread) | "
-        f"{pipe_rows:,.0f} rows/s | {bare_rows:,.0f} rows/s bare `inference_mode` loop | **{report['teacher_stage_efficiency']:.2f}** |",
-        *[f"| 2: student (MLP 784-512-512-10, batch 64, {r['workers']} worker{'s' if r['workers'] > 1 else ''}) | "
-          f"{r['ray_samples_per_s']:,.0f} samples/s | {r['bare_samples_per_s']:,.0f} samples/s in-memory loop, "
-          f"{r['bare_threads']} thread{'s' if r['bare_threads'] > 1 else ''} | **{r['efficiency']:.2f}** |" for r in student_rows],
-    ])
+    report["missed"] = check(report, on_gpu)
+    text = json.dumps(report, indent=2)
+    for path in (os.path.join(args.out, "stages.json"),
+                 os.path.join(args.out, "history", f"stages-{report['created'].replace(':', '')}.json")):
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    table = markdown(report)
     with open(os.path.join(args.out, "stages.md"), "w") as f:
-        f.write(f"Device: {report['device']}. Command: `make bench`.\n\n{table}\n")
-    print("\n" + table + f"\n\nwrote {args.out}/stages.json and {args.out}/stages.md")
-    shutil.rmtree(work, ignore_errors=True)
+        f.write(table)
+    print("\n" + table + f"\nwrote {args.out}/stages.json, {args.out}/stages.md and a copy under {args.out}/history/")
+    if report["missed"]:
+        print("BENCHMARK TARGET MISSED: " + "; ".join(report["missed"]), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -195,7 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
         )
-        stats = train_epoch(ddp_model, batches, loss_fn, optimizer, inputs_of, on_step)
+        waited = [0.0]
+        stats = train_epoch(ddp_model, timed(batches, waited), loss_fn, optimizer, inputs_of, on_step)
         train_s = time.time() - started
         val_batches = val_shard.iter_torch_batches(batch_size=64 if tokens else 1024, dtypes=dtypes)
         evaluated = (evaluate_tokens(ddp_model, val_batches, manifest.outputs["logits"]["mode"]) if tokens
@@ -207,6 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_seconds": train_s,
             "eval_seconds": time.time() - started - train_s,
             "samples_per_s": stats["train_samples"] * world / max(train_s, 1e-9),
+            "data_wait_seconds": waited[0],  # of train_seconds (this worker): the student waiting on data
             **evaluated,
             "workers_with_teacher": workers_with_teacher,
             "resumed_from_epoch": resumed_from,  # > 0 after a restart from a checkpoint
@@ -223,7 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:  # through logging: Ray Train would print() twice (stdout and its console handler)
             logger.info(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"val_accuracy {evaluated['val_accuracy']:.4f}  agreement {evaluated['val_agreement']:.4f}  "
-                  f"({train_s:.1f}s train, {metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)")
+                  f"({train_s:.1f}s train of which {waited[0]:.1f}s waiting for data, {metrics['eval_seconds']:.1f}s eval, "
+                  f"{time.time() - started:.1f}s epoch)")
 
 
 def _cache_dataset(cache_uri: str, manifest: Manifest, split: str, columns: list[str]):
@@ -232,6 +235,55 @@ def _cache_dataset(cache_uri: str, manifest: Manifest, split: str, columns: list
     fs, root = storage.arrow_filesystem(cache_uri)
     paths = [f"{root}/{s.path}" for s in manifest.shards_of(split)]
     return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns(columns)
+
+
+IN_MEMORY_SHARE = 0.2  # of the cluster's object store memory, for in_memory: auto
+
+
+def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str]) -> int:
+    """Decoded size of `columns` over every row, from the first rows of one shard."""
+    import pyarrow.parquet as pq
+
+    fs, root = storage.arrow_filesystem(cache_uri)
+    with fs.open_input_file(f"{root}/{manifest.shards[0].path}") as f:
+        batch = next(pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns))
+    return int(batch.nbytes / max(batch.num_rows, 1) * manifest.rows)
+
+
+def _load_datasets(cfg: TrainConfig, cache_uri: str, manifest: Manifest, columns: list[str], log) -> dict:
+    """Both splits as Ray Datasets; materialised once in the object store when they fit (see
+    TrainConfig.in_memory): a small cache then costs one read instead of one per epoch."""
+    import ray
+
+    datasets = {split: _cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")}
+    in_memory = cfg.in_memory
+    if in_memory is None:
+        need = in_memory_bytes(cache_uri, manifest, columns)
+        budget = IN_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+        in_memory = need <= budget
+        if in_memory:
+            log(f"reading the cache into the object store once ({need / 1e6:.0f} MB of {budget / 1e6:.0f} MB allowed; "
+                "in_memory: false streams it every epoch instead)")
+    if in_memory:
+        started = time.time()
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+        log(f"cache in memory in {time.time() - started:.1f}s")
+    return datasets
+
+
+def timed(batches: Iterable[Any], waited: list[float]) -> Iterator[Any]:
+    """Yields the batches, adding the seconds spent waiting for each to waited[0]: the share of
+    an epoch the student spent waiting on data rather than computing."""
+    it = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            waited[0] += time.perf_counter() - started
+            return
+        waited[0] += time.perf_counter() - started
+        yield batch
 
 
 def _run_storage(path: str):
@@ -288,7 +340,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     run_storage_path, run_storage_fs = _run_storage(cfg.storage_path)
     with quiet_data_context():
         columns = token_columns(manifest) if is_token_cache(manifest) else _columns(inputs)
-        datasets = {split: _cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")}
+        datasets = _load_datasets(cfg, cache_uri, manifest, columns, log)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

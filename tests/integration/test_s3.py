@@ -44,8 +44,10 @@ def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
 
     train = yaml.safe_load(open(DIGITS_KD))
     train.update(precompute=pre_path, storage_path="s3://distill/runs", storage={"endpoint_url": endpoint},
-                 name="s3-kd", epochs=2)
+                 name="s3-kd", epochs=2, in_memory=False)  # streamed from S3 in every epoch
+    capsys.readouterr()
     assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
+    assert "object store" not in capsys.readouterr().out
     result = json.loads(fs.cat("distill/runs/s3-kd/result.json"))
     assert result["epochs"] == 2 and result["cache"].startswith("s3://distill/cache/")
     assert result["checkpoint"].startswith("s3://distill/runs/s3-kd/checkpoint_")

@@ -66,13 +66,16 @@ def test_second_precompute_is_a_cache_hit_and_force_recomputes(digits_stage1, ca
     assert read_manifest(uri).created >= created
 
 
-def test_train_two_workers_from_cache(digits_stage1, tmp_path):
+def test_train_two_workers_from_cache(digits_stage1, tmp_path, capsys):
     data = yaml.safe_load(open(DIGITS_KD))
     data.update(precompute=digits_stage1["config_path"], storage_path=str(tmp_path / "runs"), name="kd-test",
                 epochs=15, num_workers=2)
     data["optimizer"]["lr"] = 0.003
     path = write_yaml(tmp_path / "train.yaml", data)
+    capsys.readouterr()
     assert main(["train", path]) == 0
+    # A cache this small is read into the object store once, not streamed again every epoch.
+    assert "reading the cache into the object store once" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "kd-test"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["metrics"]["val_accuracy"] >= 0.9, result["metrics"]
@@ -87,6 +90,8 @@ def test_train_two_workers_from_cache(digits_stage1, tmp_path):
     # Every epoch's samples add up to the train split, split across the two workers.
     assert all(h["train_samples"] * 2 <= 1438 for h in result["history"])
     assert result["history"][-1]["train_samples"] * 2 >= 1438 - 2
+    # Each epoch says how long the worker waited for batches: part of, never more than, its train time.
+    assert all(0 <= h["data_wait_seconds"] <= h["train_seconds"] for h in result["history"])
 
 
 def test_float32_logits_on_request_make_another_cache(digits_stage1):

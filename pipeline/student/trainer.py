@@ -138,6 +138,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     cfg = TrainConfig.model_validate(config["train"])
+    try:  # Ray Train logs every report, the whole metrics dict, at INFO; the epoch line below says it in one line
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)

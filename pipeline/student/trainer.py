@@ -280,15 +280,13 @@ def _load_datasets(cfg: TrainConfig, cache_uri: str, manifest: Manifest, columns
 def timed(batches: Iterable[Any], waited: list[float]) -> Iterator[Any]:
     """Yields the batches, adding the seconds spent waiting for each to waited[0]: the share of
     an epoch the student spent waiting on data rather than computing."""
-    it = iter(batches)
+    it, end = iter(batches), object()
     while True:
         started = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            waited[0] += time.perf_counter() - started
-            return
+        batch = next(it, end)
         waited[0] += time.perf_counter() - started
+        if batch is end:
+            return
         yield batch
 
 

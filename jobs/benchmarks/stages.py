@@ -43,6 +43,7 @@ from pipeline.runtime import ensure_ray
 from pipeline.student.loop import evaluate, make_optimizer, train_epoch
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.trainer import run_train
+from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.plan import run_precompute
 
 TARGETS = {  # name -> (target, "min" | "max")
@@ -186,24 +187,6 @@ def online_kd_student(student: dict, teacher: torch.nn.Module, data: dict, batch
     return {"wall_s": wall, "val_accuracy": val["val_accuracy"]}
 
 
-def fit_teacher(teacher_spec: dict, data: dict, path: str, epochs: int) -> float:
-    """A quickly trained teacher (plain loop), so the students' accuracies mean something."""
-    torch.manual_seed(0)
-    model = model_of(teacher_spec)
-    opt = make_optimizer(model.parameters(), "adam", 1e-3)
-    x, y = tensors(data["train"])
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    save_state(model, path)
-    vx, vy = tensors(data["val"])
-    with torch.inference_mode():
-        return float((model.eval()(vx).argmax(-1) == vy).float().mean())
-
-
 # ---------------------------------------------------------------- the three measurements
 
 def precompute_config(teacher: dict, weights: str, cache_root: str, batch_size: int, actors: int) -> PrecomputeConfig:
@@ -285,12 +268,15 @@ def amortisation(work: str, args: argparse.Namespace, data: dict) -> dict[str, A
     torch.set_num_threads(1)
     weights = os.path.join(work, "amort-teacher.pt")
     print(f"amortisation: fitting the teacher ({t_flops / s_flops:.0f}x the student's FLOPs)", flush=True)
-    teacher_acc = fit_teacher(teacher_spec, data, weights, args.teacher_epochs)
+    pre = precompute_config(teacher_spec, weights, os.path.join(work, "cache-amort"), 256, 1)
+    # Quickly trained, so the students' accuracies mean something; `distill fit-teacher`'s own loop.
+    pre.teacher.fit = pre.teacher.fit.model_copy(update={"epochs": args.teacher_epochs, "shift": 0})
+    teacher_acc = fit_teacher(pre)
     n_max = max(args.students)
 
     print("amortisation: offline, one teacher pass", flush=True)
     started = time.perf_counter()
-    cache = run_precompute(precompute_config(teacher_spec, weights, os.path.join(work, "cache-amort"), 256, 1), force=True)
+    cache = run_precompute(pre, force=True)
     offline = [time.perf_counter() - started]  # cumulative wall after 0, 1, 2, ... students
     offline_acc = []
     for i in range(n_max):

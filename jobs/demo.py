@@ -14,14 +14,14 @@ import statistics
 import sys
 import time
 
-from pipeline.cache import storage
-from pipeline.cache.verify import list_shard_files
+from pipeline import storage
+from pipeline.cache.shards import list_shard_files
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
 from pipeline.report import write_report
-from pipeline.student.trainer import run_train
+from pipeline.student.run import run_train
 from pipeline.teacher.fit import fit_teacher
-from pipeline.teacher.plan import run_precompute
+from pipeline.teacher.precompute import run_precompute
 
 PRECOMPUTE = "jobs/configs/mnist/precompute.yaml"
 TRAIN = "jobs/configs/mnist/train-kd.yaml"

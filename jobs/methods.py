@@ -16,14 +16,14 @@ import statistics
 import sys
 import time
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
 from pipeline.report import write_report
 from pipeline.student.model import loss_inputs
-from pipeline.student.trainer import run_train
+from pipeline.student.run import run_train
 from pipeline.teacher.fit import fit_teacher
-from pipeline.teacher.plan import run_precompute
+from pipeline.teacher.precompute import run_precompute
 
 CONFIGS = "jobs/configs/mnist"
 PRECOMPUTE = f"{CONFIGS}/precompute-taps.yaml"
@@ -43,7 +43,7 @@ BORN_AGAIN_TRAIN = f"{CONFIGS}/train-born-again.yaml"
 
 def _signals(manifest, cfg) -> dict[str, float]:
     """Cache bytes per row of each stored teacher signal the method reads (logits and taps)."""
-    per_col = manifest.outputs.get("bytes_per_row", {})
+    per_col = manifest.bytes_per_row()
     inputs = loss_inputs(cfg.loss, manifest)
     used = {t for t, w in cfg.loss.terms.items() if w > 0}
     cols = list(inputs.logits) if used & {"kd", "deit_hard"} else []
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": rows[0]["epochs"] if rows else None,
         "seeds": args.seeds,
         "teacher": {"factory": pre.teacher.factory, "accuracy": rows[0]["teacher_accuracy"] if rows else None},
-        "cache": {"uri": cache.uri, "rows": cache.manifest.rows, "bytes_per_row": cache.manifest.outputs.get("bytes_per_row")},
+        "cache": {"uri": cache.uri, "rows": cache.manifest.rows, "bytes_per_row": cache.manifest.bytes_per_row()},
         "rows": rows,
         "wall_s": round(time.time() - started, 1),
     }

@@ -6,8 +6,10 @@ as a file, where carriage-return bars turn into noise.
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 def format_eta(seconds: float) -> str:
@@ -41,3 +43,26 @@ class Throttle:
         self.last = now
         self.emit(line() if callable(line) else line)
         return True
+
+
+@contextmanager
+def every(seconds: float, tick: Callable[[], None]) -> Iterator[None]:
+    """Call `tick` every `seconds` in a daemon thread while the block runs (long work that reports
+    progress from outside, e.g. from what a Ray job has committed so far). A tick that raises
+    OSError is skipped: it may race the work it watches and will be tried again."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            try:
+                tick()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=loop, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=seconds)

@@ -10,24 +10,20 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 import re
 import statistics
-from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any
 
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from pipeline.cache import storage
-from pipeline.cache.manifest import Manifest, read_manifest
-from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline import storage
+from pipeline.cache.manifest import Manifest, TapRecord, read_manifest
+from pipeline.cache.schema import INPUT_IDS, LABEL, LENGTH, SAMPLE_ID, X
 from pipeline.errors import DistillError
-
-RESULT_FILE = "result.json"  # written by pipeline.student.trainer (not imported from there: it pulls in torch)
+from pipeline.rundir import read_result
 FIGSIZE, DPI = (6.4, 3.6), 100
 _SEED_SUFFIX = re.compile(r"-seed\d+$")
 _Caches = dict[str, "tuple[Manifest, dict[str, float]] | str"]  # cache URI -> (manifest, bytes per row) or why unreadable
@@ -37,22 +33,6 @@ table{border-collapse:collapse;margin:8px 0}
 td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums}tr.teacher{background:#f4f4f4;font-style:italic}
 img{max-width:100%;display:block;margin:6px 0}.note{color:#a60}code{font-size:12px}"""
-
-
-def read_run(run_dir: str) -> dict[str, Any]:
-    """The result.json of one finished run, or one error naming the directory and the fix."""
-    uri = storage.join(run_dir, RESULT_FILE)
-    if not storage.exists(uri):
-        raise DistillError(f"{run_dir} has no {RESULT_FILE} (not a finished run directory)",
-                           "pass directories that `distill train` finished: <storage_path>/<name>")
-    fix = "train the run again, or leave it out of the report"
-    try:
-        result = json.loads(storage.read_bytes(uri))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DistillError(f"{uri} is unreadable: {e}", fix) from None
-    if not isinstance(result, dict) or not isinstance(result.get("name"), str) or not isinstance(result.get("metrics"), dict):
-        raise DistillError(f"{uri} is unreadable: no `name` or `metrics`", fix)
-    return result
 
 
 def group_of(name: str) -> str:
@@ -71,29 +51,11 @@ def reliability(bins: dict[str, list[float]]) -> tuple[list[float], list[float],
     return [conf for conf, _, _ in kept], [acc for _, acc, _ in kept], ece
 
 
-def cache_bytes_per_row(cache_uri: str, manifest: Manifest) -> dict[str, float]:
-    """Compressed bytes per row of each top-level column, summed from the shards' Parquet footers.
-
-    A tensor column is stored as nested leaves (`x.list.element`), so leaves are grouped by the
-    part of their path before the first dot.
-    """
-    fs, root = storage.filesystem(cache_uri)
-    sizes: dict[str, int] = defaultdict(int)
-    for shard in manifest.shards:
-        with fs.open(f"{root}/{shard.path}", "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            for i in range(meta.num_row_groups):
-                for j in range(meta.num_columns):
-                    column = meta.row_group(i).column(j)
-                    sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
-    return {name: size / (manifest.rows or 1) for name, size in sizes.items()}
-
-
 def write_report(run_dirs: list[str], out_path: str | None = None) -> str:
     """Write the report for these run directories; returns its path (default: beside the first run)."""
     if not run_dirs:
         raise DistillError("no run directories given", "pass one or more directories that `distill train` finished")
-    runs = [read_run(d) for d in run_dirs]
+    runs = [read_result(d) for d in run_dirs]
     caches = _load_caches(runs)
     sections = [_runs_table(runs, caches), _curves(runs), _accuracy_bars(runs), _calibration(runs), _cache_sections(caches)]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{_CSS}</style>"
@@ -113,7 +75,7 @@ def _load_caches(runs: list[dict[str, Any]]) -> _Caches:
     for uri in dict.fromkeys(r.get("cache") for r in runs if r.get("cache")):
         try:
             manifest = read_manifest(uri)
-            caches[uri] = manifest, cache_bytes_per_row(uri, manifest)
+            caches[uri] = manifest, manifest.bytes_per_row()
         except DistillError as e:
             caches[uri] = e.problem
         except (OSError, ValueError) as e:  # shards deleted or damaged under a live manifest (ArrowInvalid is a ValueError)
@@ -160,7 +122,7 @@ def _runs_table(runs: list[dict[str, Any]], caches: _Caches) -> str:
                           _fmt(r.get("wall_s"), ".1f")], num_from=3))
     for uri, acc in _teachers(runs).items():
         cache = caches.get(uri)
-        factory = cache[0].teacher.get("factory", "") if isinstance(cache, tuple) else ""
+        factory = cache[0].teacher.factory if isinstance(cache, tuple) else ""
         rows.append(_row([f"teacher ({_short(uri)})", str(factory), "", "", "", _fmt(acc, ".4f"), "", "", ""], 3, "teacher"))
     header = ["run", "student", "loss terms", "seed", "epochs", "val accuracy", "agreement", "KL", "wall s"]
     return _section("Runs", "Final validation metrics of each run; agreement: how often student and teacher pick the same class.",
@@ -258,14 +220,11 @@ def _calibration(runs: list[dict[str, Any]]) -> str:
 
 
 def _roles(manifest: Manifest) -> dict[str, str]:
-    """Column -> output kind, from `outputs`: {kind: {column}}, {kind: {columns: {teacher: col}}} or {kind: {tap: {column}}}."""
-    roles = {X: "student input", LABEL: "hard label", SAMPLE_ID: "sample id", LOGITS: "logits"}
-    for kind, spec in manifest.outputs.items():
-        if isinstance(spec, dict):
-            roles.update({spec["column"]: kind} if isinstance(spec.get("column"), str) else {})
-            roles.update({col: f"{kind}: {name}" for name, col in (spec.get("columns") or {}).items()})
-            named = {name: sub for name, sub in spec.items() if isinstance(sub, dict) and sub.get("column")}  # taps
-            roles.update({sub["column"]: f"{kind}: {name}" for name, sub in named.items()})
+    """Column -> what it holds, from the manifest's outputs."""
+    roles = {X: "student input", LABEL: "hard label", SAMPLE_ID: "sample id", INPUT_IDS: "token ids", LENGTH: "tokens in row"}
+    for out in manifest.outputs:
+        what = f"tap {out.name}: {out.kind} of {out.teacher}" if isinstance(out, TapRecord) else f"{out.mode} logits of {out.teacher}"
+        roles.update({column: what for column in out.columns})
     return roles
 
 
@@ -288,5 +247,5 @@ def _cache_sections(caches: _Caches) -> str:
         rows = [_row([name, roles.get(name, ""), manifest.columns.get(name, ""), f"{b:.1f}"], 3) for name, b in per_row.items()]
         summary = f"<p>{manifest.rows:,} rows, {manifest.bytes / 1e6:.2f} MB in {len(manifest.shards)} shards.</p>"
         parts.append(title + summary + _img(fig) + _table(["column", "role", "type", "bytes/row"], rows))
-    return _section("Cache size", "Compressed Parquet bytes per row of each column, from the shard footers: "
+    return _section("Cache size", "Compressed Parquet bytes per row of each column, as the manifest records them: "
                     "what each teacher output costs to keep.", "".join(parts))

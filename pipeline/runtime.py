@@ -1,4 +1,10 @@
-"""Connecting to Ray: a cluster address (argument or RAY_ADDRESS) or a local Ray started in-process."""
+"""Connecting to Ray, keeping its output quiet, and the one place that touches Ray's internals.
+
+Everything here that depends on something Ray does not publish (an environment knob read by its
+C++ core, a private logger, the name Ray Data gives its actors) is named in `RAY_INTERNALS`, and
+`tests/unit/test_ray_internals.py` checks each against the installed Ray, so an upgrade that
+moves one fails that test instead of silently slowing or flooding a run.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,26 @@ from pipeline.errors import DistillError
 # Logical CPUs for a local Ray. Ray Data's budget stalls when Train workers hold most of a
 # 2-CPU node, so a small machine is given a few more logical CPUs than it has cores.
 LOCAL_MIN_CPUS = 4
+VERBOSE_ENV = "DISTILL_VERBOSE"  # set by `distill -v`: Ray's own progress and INFO logs are shown
+
+# Ray Train V2 workers block in report() until the controller polls the result queue, which it
+# does every health-check interval (2 s by default): that was 85% of an epoch here.
+TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Ray keeps at most `num_cpus` idle worker processes (a raylet setting). Ray Train and Ray Data park
+# ~6 helper actors, so with 4 logical CPUs every per-epoch read task started a fresh Python process.
+WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
+RAY_INTERNALS = {
+    TRAIN_HEALTH_CHECK_ENV: "ray.train.v2._internal.constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR",
+    WORKERS_SOFT_LIMIT_ENV: "a RayConfig flag compiled into ray/_raylet.so",
+    "train report logger": "ray.train.v2._internal.execution.context.logger (logs every report's metrics at INFO)",
+    "map worker actor name": "ray.data._internal.execution.operators.actor_pool_map_operator.get_map_worker_cls_name",
+}
+# What a submitted job's processes need from the submitting side (never credentials).
+JOB_ENV = {TRAIN_HEALTH_CHECK_ENV: "0.25"}
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def probe(address: str, timeout: float = 3.0, default_port: int = 6379) -> None:
@@ -37,9 +63,8 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Ray Train V2 workers block in report() until the controller polls the result queue, which
-    # it does every health-check interval (2 s by default): that was 85% of an epoch here.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    for name, value in JOB_ENV.items():
+        os.environ.setdefault(name, value)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise DistillError(
@@ -47,17 +72,16 @@ def ensure_ray(address: str | None = None) -> None:
             "use `distill submit ...` to run the stage on that cluster as a Ray Job, "
             "or give the cluster's GCS address (host:6379) to run this driver there",
         )
+    level = logging.INFO if verbose() else logging.WARNING
     if address:
         probe(address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level)
     else:
         cpus = int(os.environ.get("DISTILL_LOCAL_CPUS", max(LOCAL_MIN_CPUS, os.cpu_count() or 1)))
-        # Ray keeps at most `num_cpus` idle worker processes. Ray Train and Ray Data park ~6
-        # helper actors, so with 4 logical CPUs every per-epoch read task started a fresh Python
-        # process (~2 s of CPU each), which cut a 1-worker student from ~5,000 to ~900 samples/s.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(16, 2 * cpus)))
+        # Idle workers kept warm (see WORKERS_SOFT_LIMIT_ENV): cut a 1-worker student from ~5,000 to ~900 samples/s.
+        os.environ.setdefault(WORKERS_SOFT_LIMIT_ENV, str(max(16, 2 * cpus)))
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=level)
     configure_data_context()
 
 
@@ -66,14 +90,19 @@ def configure_data_context() -> None:
 
     Ray 2.60 routes read_parquet through DataSourceV2 (ListFiles -> ReadFiles) by default; on a
     2-core machine each execution of it costs 1.5-3 s even for a 100 KB file, against 0.1 s
-    for the V1 reader, and stage 2 re-reads its shards every epoch. Measured in
-    jobs/benchmarks; override with RAY_DATA_USE_DATASOURCE_V2=1.
+    for the V1 reader, and stage 2 re-reads its shards every epoch. Override with
+    RAY_DATA_USE_DATASOURCE_V2=1. Unless verbose, Ray Data's progress lines and plans stay out
+    of the user's terminal: our own progress lines say the same in one line.
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         ctx.use_datasource_v2 = False
+    if not verbose():
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 @contextmanager
@@ -88,3 +117,46 @@ def quiet_data_context():
         yield
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def quiet_train_reports() -> None:
+    """In a Train worker: Ray Train V2 logs every `report()` with its whole metrics dict at INFO
+    (calibration bins included); our epoch line says it in one line."""
+    if verbose():
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # checked by the test of RAY_INTERNALS
+        return
+    context.logger.setLevel(logging.WARNING)
+
+
+def map_worker_class_name(udf: type) -> str:
+    """The actor class name Ray Data gives the actors of `map_batches(udf)` (used to find them in the state API)."""
+    return f"MapWorker(MapBatches({udf.__name__}))"
+
+
+def actor_nodes(class_name: str) -> list[str]:
+    """Node ids where this job's actors of `class_name` ran (Ray's state API; empty when unavailable)."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(filters=[("class_name", "=", class_name), ("job_id", "=", ray.get_runtime_context().get_job_id())],
+                             limit=10_000, timeout=10, raise_on_missing_output=False)
+    except Exception:  # no dashboard, or an old cluster: the stat is informative, not required
+        return []
+    return sorted({a.node_id for a in actors if a.node_id})
+
+
+def root_cause(e: BaseException) -> str:
+    """The user-facing line inside a Ray error: our own DistillError if a task or actor raised one,
+    else the last line of the innermost cause (Ray wraps worker errors in its own types)."""
+    text = str(e)
+    marker = "DistillError: "
+    if marker in text:
+        return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -1,8 +1,9 @@
 """Each stage as a Ray Job: submit, follow, list, stop, and chain "precompute once, then N students".
 
-The job runs `python -m jobs.precompute` or `python -m jobs.train` (the same entrypoints the
-KubeRay RayJob manifests run) with the project as its working_dir and the fully resolved
-config in its environment. Credentials are never forwarded: cluster nodes take them from
+The job runs `python -m pipeline.teacher` or `python -m pipeline.student` (the same entrypoints the
+KubeRay RayJob manifests run) from the installed package on the cluster, with the user's working
+directory (their configs and their own model modules) as the job's working_dir and the fully
+resolved config in its environment. Credentials are never forwarded: cluster nodes take them from
 their own AWS chain.
 """
 
@@ -16,17 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cache.manifest import manifest_uri
 from pipeline.config import PrecomputeConfig, TrainConfig
+from pipeline.entrypoint import CONFIG_ENV
 from pipeline.errors import DistillError
-from pipeline.runtime import probe
+from pipeline.runtime import JOB_ENV, probe
 
-CONFIG_ENV = "DISTILL_CONFIG_JSON"
-# Environment the job's processes need from us (never credentials).
-JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-# Never shipped in the working_dir (Ray also honours .gitignore).
-EXCLUDES = [".git", ".venv", "runs", "tests", "*.pt", "__pycache__", ".pytest_cache"]
+# The module each stage's job runs, from the package installed on the cluster.
+STAGE_MODULES = {"precompute": "pipeline.teacher", "train": "pipeline.student"}
+# Never shipped in the working_dir (Ray also honours .gitignore and .rayignore).
+EXCLUDES = [".git", ".venv", "venv", "runs", "*.pt", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -50,11 +51,6 @@ def job_client(address: str | None):
     except Exception as e:  # ConnectionError, or RuntimeError from the version check
         raise DistillError(f"the Ray Jobs API at {url} does not answer: {str(e).splitlines()[0]}",
                            "pass the dashboard address (port 8265 by default)") from None
-
-
-def project_root() -> str:
-    """The directory holding `pipeline/` and `jobs/`: what travels as the job's working_dir."""
-    return str(Path(__file__).resolve().parent.parent)
 
 
 def job_python() -> str:
@@ -86,23 +82,27 @@ def _absolute_local_paths(cfg: PrecomputeConfig | TrainConfig) -> PrecomputeConf
 
 
 def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig, *, force: bool = False,
-                 log: Callable[[str], None] = print) -> SubmittedJob:
-    """Submit one stage with its resolved config; returns at once with the job id."""
+                 working_dir: str | None = None, log: Callable[[str], None] = print) -> SubmittedJob:
+    """Submit one stage with its resolved config; returns at once with the job id.
+
+    `working_dir` (default: the current directory) travels with the job: the user's configs and
+    model modules, importable by the job and its actors and workers.
+    """
     if isinstance(cfg, TrainConfig) and cfg.precompute:
-        from pipeline.student.trainer import resolve_cache_uri
+        from pipeline.student.checks import resolve_cache_uri
 
         storage.configure(**cfg.storage.model_dump())
         cfg = cfg.model_copy(update={"cache": resolve_cache_uri(cfg), "precompute": None})
     cfg = _absolute_local_paths(cfg)
     name = cfg.name if isinstance(cfg, TrainConfig) and cfg.name else stage
     job_id = f"distill-{stage}-{name}-{uuid.uuid4().hex[:6]}".replace("_", "-")
-    entrypoint = f"{job_python()} -m jobs.{stage}" + (" --force" if force else "")
+    entrypoint = f"{job_python()} -m {STAGE_MODULES[stage]}" + (" --force" if force else "")
     job = cfg.job
     try:
         client.submit_job(
             entrypoint=entrypoint,
             submission_id=job_id,
-            runtime_env={"working_dir": project_root(), "excludes": EXCLUDES,
+            runtime_env={"working_dir": str(Path(working_dir or os.getcwd()).resolve()), "excludes": EXCLUDES,
                          "env_vars": {**JOB_ENV, CONFIG_ENV: json.dumps(cfg.model_dump())}},
             metadata={"distill_stage": stage, "distill_name": name},
             entrypoint_num_cpus=job.entrypoint_num_cpus,
@@ -154,9 +154,9 @@ class PipelineRun:
 
 
 def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *, wait: bool = True,
-                    log: Callable[[str], None] = print) -> PipelineRun:
+                    working_dir: str | None = None, log: Callable[[str], None] = print) -> PipelineRun:
     """The teacher job only when the cache is missing, then every student job on that one cache."""
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
 
     storage.configure(**pre.storage.model_dump())
     storage.check_reachable(pre.cache_root, "cache root")
@@ -165,7 +165,7 @@ def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *,
     if storage.exists(manifest_uri(target.uri)):
         log(f"cache hit: {target.uri} (no teacher job)")
     else:
-        run.teacher_job = submit_stage(client, "precompute", pre, log=log)
+        run.teacher_job = submit_stage(client, "precompute", pre, working_dir=working_dir, log=log)
         status = follow(client, run.teacher_job.job_id, stream=wait, log=log)
         run.statuses[run.teacher_job.job_id] = status
         if status != "SUCCEEDED" or not storage.exists(manifest_uri(target.uri)):
@@ -173,7 +173,7 @@ def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *,
             return run
     for cfg in trains:
         cfg = cfg.model_copy(update={"cache": target.uri, "precompute": None})
-        run.student_jobs.append(submit_stage(client, "train", cfg, log=log))
+        run.student_jobs.append(submit_stage(client, "train", cfg, working_dir=working_dir, log=log))
     if wait:
         for job in run.student_jobs:
             run.statuses[job.job_id] = follow(client, job.job_id, log=log)

@@ -10,10 +10,21 @@ import yaml
 
 from pipeline.cache.manifest import Manifest, ShardEntry, write_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
-from pipeline.cache.verify import inspect_shard
+from pipeline.cache.shards import inspect_shard
 
 DIGITS_PRECOMPUTE = "jobs/configs/digits/precompute.yaml"
 DIGITS_KD = "jobs/configs/digits/train-kd.yaml"
+
+
+def in_memory_task(terms: dict[str, float], temperature: float = 4.0, num_classes: int = 10, input_shape=(1, 8, 8),
+                   student: str = "pipeline.models.builtin:mlp"):
+    """The classification task over tensors in memory: the seam the worker loop runs through, without a cache."""
+    from pipeline.config import TrainConfig
+    from pipeline.student.tasks.classification import ClassificationTask
+
+    cfg = TrainConfig.model_validate({"cache": "in-memory", "student": {"factory": student},
+                                      "loss": {"terms": terms, "temperature": temperature}})
+    return ClassificationTask.in_memory(cfg, num_classes, tuple(input_shape))
 
 
 def write_yaml(path, data) -> str:
@@ -36,6 +47,24 @@ def _tensor_column(arr: np.ndarray):
     return FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
 
 
+def make_manifest(outputs: list[dict], *, num_classes: int = 10, input_shape=(1, 8, 8), rows: dict[str, int] | None = None,
+                  columns: dict[str, str] | None = None, shards: list | None = None, task: str = "classification",
+                  teachers: list[str] = ("teacher",), **extra) -> Manifest:
+    """A valid v2 manifest with only what a test cares about spelled out."""
+    rows = rows or {"train": 8, "val": 2}
+    return Manifest(
+        cache_id=extra.pop("cache_id", "cachetest0000000"), task=task,
+        teachers={name: {"factory": "pipeline.models.builtin:digits_cnn"} for name in teachers},
+        dataset={"kind": "test", "fingerprint": "f", "split": {"val_fraction": 0.2, "split_seed": 0}, "transform": "none",
+                 "input_shape": list(input_shape)},
+        outputs=outputs, num_classes=num_classes, input_shape=list(input_shape), rows=sum(rows.values()), rows_by_split=rows,
+        columns=columns or {}, shards=shards or [], **extra)
+
+
+def full_logits(teacher: str = "teacher", column: str = LOGITS, num_classes: int = 10) -> dict:
+    return {"mode": "full", "teacher": teacher, "columns": [column], "dtype": "float16", "shape": [num_classes]}
+
+
 def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 10, shape=(1, 8, 8), seed: int = 0) -> str:
     """A small, valid cache written with pyarrow alone (no Ray), for tests of readers and checks."""
     rows = rows or {"train": 40, "val": 10}
@@ -43,7 +72,7 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
     cache_uri = str(root / "cachetest0000000")
     for split in rows:
         (root / "cachetest0000000" / "shards" / f"split={split}").mkdir(parents=True)
-    shards, columns, start = [], None, 0
+    shards, columns, column_bytes, start = [], None, {}, 0
     for split, n in rows.items():
         table = pa.table({
             SAMPLE_ID: pa.array([f"s-{i}" for i in range(start, start + n)]),
@@ -56,12 +85,10 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
         pq.write_table(table, f"{cache_uri}/{rel}")
         facts = inspect_shard(f"{cache_uri}/{rel}")
         columns = facts.columns
+        column_bytes = {c: column_bytes.get(c, 0) + b for c, b in facts.column_bytes.items()}
         shards.append(ShardEntry(path=rel, split=split, rows=n, bytes=facts.bytes, sha256=facts.sha256))
-    write_manifest(cache_uri, Manifest(
-        cache_id="cachetest0000000", teacher={"factory": "pipeline.models.builtin:digits_cnn"}, dataset={"kind": "test"},
-        outputs={"logits": {"mode": "full", "dtype": "float16"}}, num_classes=num_classes, input_shape=list(shape),
-        rows=sum(rows.values()), rows_by_split=rows, columns=columns or {}, shards=shards,
-    ))
+    write_manifest(cache_uri, make_manifest([full_logits(num_classes=num_classes)], num_classes=num_classes, input_shape=shape,
+                                            rows=rows, columns=columns, shards=shards, column_bytes=column_bytes))
     return cache_uri
 
 

@@ -18,12 +18,12 @@ import time
 import torch
 import yaml
 
-from pipeline.cache.identity import resolve_target
+from pipeline.teacher.identity import resolve_target
 from pipeline.config import load_precompute_config
 from pipeline.models.builtin import heavy_cnn
 from pipeline.models.factory import save_state
 from pipeline.runtime import ensure_ray
-from pipeline.teacher.plan import committed_rows, run_precompute
+from pipeline.teacher.precompute import committed_rows, run_precompute
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,11 @@ from pipeline.config import PrecomputeConfig, TrainConfig
 from pipeline.data.sources import load_split
 from pipeline.models.factory import build_model, save_state
 from pipeline.runtime import ensure_ray
-from pipeline.student.loop import evaluate, make_optimizer, train_epoch
-from pipeline.student.losses import DistillationLoss
-from pipeline.student.trainer import run_train
+from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student.run import run_train
+from pipeline.student.tasks.classification import ClassificationTask
 from pipeline.teacher.fit import fit_teacher
-from pipeline.teacher.plan import run_precompute
+from pipeline.teacher.precompute import run_precompute
 
 TARGETS = {  # name -> (target, "min" | "max")
     "teacher_stage_efficiency": (0.8, "min"),  # 0.9 on a GPU
@@ -66,6 +66,12 @@ def model_of(s: dict[str, Any], weights: str | None = None) -> torch.nn.Module:
     from pipeline.config import ModelSpec
 
     return build_model(ModelSpec.model_validate({**s, "weights": weights}), input_shape=INPUT, num_classes=10)
+
+
+def kd_task(student: dict[str, Any]) -> ClassificationTask:
+    """The stage-2 task (KD 0.7 + CE 0.3 at T 4) over tensors in memory, for the plain-PyTorch baselines."""
+    cfg = TrainConfig.model_validate({"cache": "in-memory", "student": student, "loss": KD})
+    return ClassificationTask.in_memory(cfg, num_classes=10, input_shape=INPUT)
 
 
 def flops_per_sample(model: torch.nn.Module) -> float:
@@ -115,11 +121,11 @@ def bare_training_samples_per_s(student: dict, x: torch.Tensor, y: torch.Tensor,
     torch.manual_seed(seed)
     model = model_of(student)
     opt = make_optimizer(model.parameters(), "adam", 1e-3)
-    loss = DistillationLoss(KD["terms"], KD["temperature"])
+    task = kd_task(student)
     rates = []
     for _ in range(epochs):
         started = time.perf_counter()
-        stats = train_epoch(model, shuffled(x, y, batch_size, logits=logits), loss, opt)
+        stats = train_epoch(model, shuffled(x, y, batch_size, logits=logits), task, opt)
         rates.append(stats["train_samples"] / (time.perf_counter() - started))
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
@@ -132,7 +138,7 @@ def kd_loss_cost(student: dict, batch_size: int, repeats: int = 200) -> dict[str
     opt = make_optimizer(model.parameters(), "adam", 1e-3)
     batch = {"x": torch.randn(batch_size, *INPUT), "label": torch.randint(0, 10, (batch_size,)),
              "teacher_logits": torch.randn(batch_size, 10)}
-    kd = DistillationLoss(KD["terms"], KD["temperature"])
+    task = kd_task(student)
 
     def step(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
         opt.zero_grad(set_to_none=True)
@@ -156,8 +162,8 @@ def kd_loss_cost(student: dict, batch_size: int, repeats: int = 200) -> dict[str
         return (time.perf_counter() - started) / (repeats * 5) * 1e3
 
     ce_step = min(ms(lambda z: F.cross_entropy(z, batch["label"])) for _ in range(3))
-    kd_step = min(ms(lambda z: kd(z, batch)["loss"]) for _ in range(3))
-    kd_alone = loss_only(lambda z: kd(z, batch)["loss"])
+    kd_step = min(ms(lambda z: task.losses(z, batch)["loss"]) for _ in range(3))
+    kd_alone = loss_only(lambda z: task.losses(z, batch)["loss"])
     ce_alone = loss_only(lambda z: F.cross_entropy(z, batch["label"]))
     return {"step_ms_ce": ce_step, "step_ms_kd": kd_step, "loss_ms_kd": kd_alone, "loss_ms_ce": ce_alone,
             "kd_share_of_step": kd_alone / kd_step}
@@ -170,7 +176,7 @@ def online_kd_student(student: dict, teacher: torch.nn.Module, data: dict, batch
     torch.manual_seed(seed)
     model = model_of(student)
     opt = make_optimizer(model.parameters(), "adam", 1e-3)
-    loss = DistillationLoss(KD["terms"], KD["temperature"])
+    task = kd_task(student)
     teacher.eval()
 
     def teacher_logits(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,10 +186,10 @@ def online_kd_student(student: dict, teacher: torch.nn.Module, data: dict, batch
     x, y = tensors(data["train"])
     started = time.perf_counter()
     for _ in range(epochs):
-        train_epoch(model, shuffled(x, y, batch_size, extra=teacher_logits), loss, opt)
+        train_epoch(model, shuffled(x, y, batch_size, extra=teacher_logits), task, opt)
     wall = time.perf_counter() - started
     vx, vy = tensors(data["val"])
-    val = evaluate(model, [{"x": vx, "label": vy, **teacher_logits(vx)}], KD["temperature"])
+    val = task.evaluate(model, [{"x": vx, "label": vy, **teacher_logits(vx)}])
     return {"wall_s": wall, "val_accuracy": val["val_accuracy"]}
 
 

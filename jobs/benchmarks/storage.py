@@ -2,7 +2,7 @@
 shards read from local disk and from an S3 endpoint (moto's server on 127.0.0.1), in one run.
 
 Bytes are Parquet's compressed bytes per column, summed from the shard footers (the manifest's
-`outputs.bytes_per_row`). Read throughput is a full `pyarrow.parquet.read_table` of every shard
+`column_bytes`). Read throughput is a full `pyarrow.parquet.read_table` of every shard
 through the same filesystems the pipeline uses, best of 3; the S3 figure is reported as a ratio
 to local disk. Writes runs/bench/storage.json and storage.md.
 """
@@ -19,26 +19,21 @@ import time
 
 import pyarrow.parquet as pq
 
-from pipeline.cache import storage
-from pipeline.cache.manifest import Manifest, read_manifest
-from pipeline.cache.schema import INPUT_IDS, TOKEN_MODE_COLUMNS
-from pipeline.cache.verify import list_caches
+from pipeline import storage
+from pipeline.cache.catalog import list_caches
+from pipeline.cache.manifest import Manifest, TapRecord, read_manifest
 from pipeline.errors import DistillError
-from pipeline.report import cache_bytes_per_row
 
 _INPUTS = {"sample_id": "ids", "x": "input", "label": "label", "input_ids": "input", "length": "input"}
 
 
 def output_kinds(uri: str, manifest: Manifest) -> dict[str, dict[str, float]]:
-    """column -> {kind, bytes_per_row}: what each stored signal costs (from the footers, so older
-    manifests without `outputs.bytes_per_row` are measured too)."""
-    mode = manifest.outputs.get("logits", {}).get("mode", "full")
-    if INPUT_IDS in manifest.columns:  # a token cache: its mode's columns, per token below
-        kinds = {c: f"tokens:{mode}" for c in TOKEN_MODE_COLUMNS[mode]}
-    else:
-        kinds = {c: "logits" for c in manifest.logits_columns().values()}
-        kinds.update({t["column"]: f"tap:{t['kind']}" for t in manifest.taps().values()})
-    per_row = cache_bytes_per_row(uri, manifest)
+    """column -> {kind, bytes_per_row}: what each stored signal costs."""
+    kinds = {}
+    for o in manifest.outputs:
+        kind = f"tap:{o.kind}" if isinstance(o, TapRecord) else f"tokens:{o.mode}" if manifest.task == "tokens" else "logits"
+        kinds.update({c: kind for c in o.columns})
+    per_row = manifest.bytes_per_row()
     out = {}
     for col, b in per_row.items():
         kind = _INPUTS.get(col) or kinds.get(col, "other")
@@ -84,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         for e in entries:
             m = read_manifest(e.uri)
             row = {"cache_id": m.cache_id, "rows": m.rows, "mb": round(m.bytes / 1e6, 2),
-                   "mode": m.outputs.get("logits", {}).get("mode", "full"), "outputs": output_kinds(e.uri, m),
-                   "tokens_per_row": m.input_shape[0] if "input_ids" in m.columns else None}
+                   "mode": m.logits().mode, "outputs": output_kinds(e.uri, m),
+                   "tokens_per_row": m.input_shape[0] if m.task == "tokens" else None}
             if m.bytes / 1e6 <= args.max_mb:
                 local_s = read_seconds(e.uri, m)
                 s3.put(storage.local_path(e.uri), f"bench/{m.cache_id}", recursive=True)

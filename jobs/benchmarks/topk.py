@@ -25,17 +25,18 @@ import time
 import numpy as np
 import torch
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
-from pipeline.config import ModelSpec, PrecomputeConfig, SourceConfig, TrainConfig
+from pipeline.config import ModelSpec, PrecomputeConfig, TrainConfig
 from pipeline.data.sources import describe, load_split
-from pipeline.data.text import read_documents, save_tokenizer, train_bpe
+from pipeline.data.corpus import read_documents
+from pipeline.data.tokenizer import save_tokenizer, train_bpe
 from pipeline.models.factory import build_model
 from pipeline.student.token_losses import topk_kd_loss
-from pipeline.student.trainer import run_train
+from pipeline.student.run import run_train
 from pipeline.teacher.encode import encode_topk
 from pipeline.teacher.fit import fit_teacher
-from pipeline.teacher.plan import run_precompute
+from pipeline.teacher.precompute import run_precompute
 
 TEACHER = {"factory": "pipeline.models.lm:lm_teacher"}
 STUDENT = {"factory": "pipeline.models.lm:lm_small"}
@@ -138,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"== {name}: student ==", flush=True)
         result = run_train(cfg, overwrite=True).result
-        bpt = 0.0 if mode == "hard" else float(cache.manifest.outputs["logits"]["bytes_per_token"])
+        bpt = 0.0 if mode == "hard" else float(cache.manifest.logits().bytes_per_token)
         rows.append({"mode": mode, "k": k, "tail": tail, "bytes_per_token": round(bpt, 2), "weights": result["weights"],
                      "train_tokens": None, "wall_s": result["wall_s"]})
         students[name] = result["weights"]
 
     teacher = build_model(fit_cfg.teacher, input_shape=(args.seq_len,), num_classes=vocab).eval()
-    val = load_split(SourceConfig.model_validate(cache_source), "val")
-    train = load_split(SourceConfig.model_validate(cache_source), "train")
+    val = load_split(PrecomputeConfig.model_validate({"source": cache_source, "teacher": fit_cfg.teacher.model_dump()}).source, "val")
+    train = load_split(PrecomputeConfig.model_validate({"source": cache_source, "teacher": fit_cfg.teacher.model_dump()}).source, "train")
     teacher_eval = _evaluate(teacher, teacher, val)
     for row in rows:
         student = build_model(ModelSpec(**STUDENT, weights=row.pop("weights")), input_shape=(args.seq_len,), num_classes=vocab).eval()

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cache.manifest import manifest_uri
-from pipeline.cache.verify import list_caches
+from pipeline.cache.catalog import list_caches
 from pipeline.errors import DistillError
 
 

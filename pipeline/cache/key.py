@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline.cache.schema import FORMAT_VERSION
+from pipeline.cache.schema import KEY_VERSION
 
 
 def canonical_json(obj: Any) -> str:
@@ -19,7 +19,7 @@ def canonical_json(obj: Any) -> str:
 
 
 def cache_identity(*, teacher: dict[str, Any], dataset: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "teacher": teacher, "dataset": dataset, "outputs": outputs}
+    return {"format_version": KEY_VERSION, "teacher": teacher, "dataset": dataset, "outputs": outputs}
 
 
 def cache_key(identity: dict[str, Any], length: int = 16) -> str:

@@ -14,8 +14,9 @@ import socket
 import threading
 import time
 import uuid
+from typing import Callable
 
-from pipeline.cache import storage
+from pipeline import storage
 
 LOCK_FILE = "_lock.json"
 STALE_S = float(os.environ.get("DISTILL_LOCK_STALE_S", "60"))
@@ -41,6 +42,26 @@ class CacheLock:
             return False
         self._thread = threading.Thread(target=self._beat, name="cache-lock-heartbeat", daemon=True)
         self._thread.start()
+        return True
+
+    def acquire_unless(self, published: Callable[[], bool], log: Callable[[str], None], poll_s: float = 1.0) -> bool:
+        """Take the lock, waiting while a live writer holds it and taking over a stale one.
+
+        Returns False, without the lock, as soon as `published()` says another writer finished
+        the cache while this one waited.
+        """
+        waiting = False
+        while not self.try_acquire():
+            if published():
+                return False
+            record = self.holder()
+            if record and self.is_stale(record):
+                log(f"taking over the stale lock of {record.get('owner')} (no heartbeat for {self.stale_hint()})")
+                self.break_stale()
+            elif record and not waiting:
+                log(f"waiting: another precompute of this cache is running ({record.get('owner')})")
+                waiting = True
+            time.sleep(poll_s)
         return True
 
     def _beat(self) -> None:

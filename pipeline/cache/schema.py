@@ -1,6 +1,10 @@
-"""Column names of the teacher cache (format v1). Both stages read them from here."""
+"""Column names and versions of the teacher cache. Both stages read them from here."""
 
-FORMAT_VERSION = 1
+# The manifest's format (v2: typed records). v1 manifests are read through pipeline.cache.manifest_v1.
+FORMAT_VERSION = 2
+# The cache key's version: it changes only when the shards written for the same inputs change.
+# Format v2 changed the manifest alone, so v1 caches keep their ids (and stay cache hits).
+KEY_VERSION = 1
 
 SAMPLE_ID = "sample_id"  # unique and stable across runs
 X = "x"  # the student's input, passthrough from the source (float32 tensor)
@@ -13,6 +17,9 @@ SHARDS_DIR = "shards"
 # Beside the shards while a precompute is unfinished, removed once the manifest is published:
 SOURCE_DIR = "_source"  # the source rows staged as Parquet, so the plan starts with a Read
 CHECKPOINT_DIR = "_checkpoint"  # Ray Data's checkpoint: which sample_ids are committed
+
+
+PRIMARY_TEACHER = "teacher"  # the name of a precompute config's `teacher:`
 
 
 def logits_column(teacher: str) -> str:
@@ -36,13 +43,8 @@ SAMPLED_WEIGHTS = "sampled_weights"  # (L, k) float16 importance weights summing
 TEACHER_SEQUENCE = "teacher_sequence"  # (P + N,) int32: P prompt tokens from the row, then N the teacher generated
 TOKENIZER_FILE = "tokenizer.json"  # text caches: the tokenizer the ids come from, beside manifest.json
 
-# Per logits mode of a token cache: the teacher columns it stores, and the `outputs.logits`
-# fields that change its content (the cache key and the manifest use the same lists).
+# Per logits mode of a token cache: the teacher columns it stores.
 TOKEN_MODE_COLUMNS = {"full": [LOGITS], "topk": [TOPK_INDICES, TOPK_VALUES, TOPK_LSE],
                       "sampled": [SAMPLED_INDICES, SAMPLED_WEIGHTS], "sequences": [TEACHER_SEQUENCE]}
-LOGITS_FIELDS = {
-    "full": ("mode", "dtype"),
-    "topk": ("mode", "k", "temperatures", "values", "step"),
-    "sampled": ("mode", "k", "temperatures", "proposal_temperature", "seed"),
-    "sequences": ("mode", "prompt_tokens", "new_tokens", "strategy", "temperatures", "seed"),
-}
+
+INDEX_DIR = "_configs"  # under a cache root: which precompute config produced which cache (pipeline.cache.index)

@@ -1,65 +1,12 @@
-"""Check a cache against its manifest, and list the caches under a root."""
+"""Check a cache against its manifest: cheaply (files and sizes) before training, fully on demand."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-import pyarrow.parquet as pq
-
-from pipeline.cache import storage
-from pipeline.cache.manifest import Manifest, manifest_uri, parse_manifest, read_manifest
-from pipeline.cache.schema import MANIFEST, SHARDS_DIR, SPLIT
+from pipeline import storage
+from pipeline.cache.manifest import Manifest, manifest_uri, parse_manifest
+from pipeline.cache.schema import MANIFEST
+from pipeline.cache.shards import inspect_shard, list_shard_files
 from pipeline.errors import DistillError
-
-
-@dataclass
-class ShardFacts:
-    rows: int
-    bytes: int
-    sha256: str
-    columns: dict[str, str]
-    column_bytes: dict[str, int]  # compressed bytes per top-level column, from the footer
-    shapes: dict[str, list[int]]  # per-row shape of each tensor column
-
-
-def inspect_shard(uri: str) -> ShardFacts:
-    """Rows (from the Parquet footer), size, checksum, column types and bytes of one shard file."""
-    fs, path = storage.filesystem(uri)
-    size = fs.size(path)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        meta = pf.metadata
-        rows = meta.num_rows
-        columns = {field.name: str(field.type) for field in pf.schema_arrow}
-        shapes = {field.name: list(field.type.shape) for field in pf.schema_arrow if hasattr(field.type, "shape")}
-        column_bytes: dict[str, int] = {}
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            for c in range(group.num_columns):
-                col = group.column(c)
-                top = col.path_in_schema.split(".", 1)[0]
-                column_bytes[top] = column_bytes.get(top, 0) + col.total_compressed_size
-    return ShardFacts(rows=rows, bytes=int(size), sha256=storage.sha256_of(path, fs), columns=columns,
-                      column_bytes=column_bytes, shapes=shapes)
-
-
-def list_shard_files(cache_uri: str) -> list[str]:
-    """Every Parquet file under shards/, as paths relative to the cache directory."""
-    fs, root = storage.filesystem(cache_uri)
-    shards = f"{root}/{SHARDS_DIR}"
-    if not fs.exists(shards):
-        return []
-    prefix = root.rstrip("/") + "/"  # string-relative: works for object-store keys and needs no cwd
-    return sorted(p[len(prefix):] for p in fs.find(shards) if p.endswith(".parquet") and p.startswith(prefix))
-
-
-def split_of_shard(rel_path: str) -> str:
-    """`shards/split=train/part-....parquet` -> `train`."""
-    for part in rel_path.split("/"):
-        if part.startswith(f"{SPLIT}="):
-            return part.split("=", 1)[1]
-    raise DistillError(f"shard {rel_path} is not under a {SPLIT}=<name>/ directory", "recompute the cache with --force")
 
 
 def check_files(cache_uri: str, manifest: Manifest) -> list[str]:
@@ -104,32 +51,3 @@ def verify_cache(cache_uri: str) -> list[str]:
         if facts.columns != manifest.columns:
             problems.append(f"shard {shard.path} schema {facts.columns} differs from the manifest's {manifest.columns}")
     return problems
-
-
-@dataclass
-class CacheEntry:
-    cache_id: str
-    uri: str
-    complete: bool
-    rows: int | None
-    bytes: int | None
-    created: str | None
-    teacher: str | None
-
-
-def list_caches(root: str) -> list[CacheEntry]:
-    fs, path = storage.filesystem(root)
-    if not fs.exists(path):
-        raise DistillError(f"cache root {root} does not exist", "check the path, or run `distill precompute` to create it")
-    entries = []
-    for sub in sorted(fs.ls(path, detail=True), key=lambda d: d["name"]):
-        if sub["type"] != "directory":
-            continue
-        cache_id = os.path.basename(sub["name"].rstrip("/"))
-        uri = storage.join(root, cache_id)
-        try:
-            m = read_manifest(uri)
-            entries.append(CacheEntry(cache_id, uri, True, m.rows, m.bytes, m.created, m.teacher.get("factory")))
-        except DistillError:
-            entries.append(CacheEntry(cache_id, uri, False, None, None, None, None))
-    return entries

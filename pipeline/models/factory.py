@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.config import ModelSpec
 from pipeline.errors import DistillError
 

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pipeline.errors import DistillError
 
@@ -33,15 +34,25 @@ def find_modules(model: nn.Module, names: Sequence[str], owner: str = "model") -
     return {n: modules[n] for n in names}
 
 
-@contextmanager
-def capture(model: nn.Module, names: Sequence[str], owner: str = "model") -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, every forward of `model` stores each named module's output in the dict."""
-    found: dict[str, torch.Tensor] = {}
+def attach(model: nn.Module, names: Sequence[str], found: dict[str, torch.Tensor], owner: str = "model") -> list[RemovableHandle]:
+    """Forward hooks that store each named module's output in `found` on every forward of `model`.
+
+    The one hook mechanism: the teacher stage uses it for a block (`capture`), the student for its
+    whole life (`pipeline.student.model.TappedStudent`).
+    """
     handles = []
     for name, module in find_modules(model, names, owner).items():
         def hook(_m: nn.Module, _inputs: object, output: torch.Tensor, name: str = name) -> None:
             found[name] = output
         handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+@contextmanager
+def capture(model: nn.Module, names: Sequence[str], owner: str = "model") -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward of `model` stores each named module's output in the dict."""
+    found: dict[str, torch.Tensor] = {}
+    handles = attach(model, names, found, owner)
     try:
         yield found
     finally:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL, LOGITS
 from pipeline.models.taps import attention_map, embedding
+from pipeline.student.divergence import kl_divergence, softened_log_probs
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,14 +28,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             gradient w.r.t. the student logits is T * (p_student(T) - p_teacher(T)) / B.
     """
     t = float(temperature)
-    return soft_target_kd(student_logits, F.softmax(teacher_logits.float() / t, dim=-1), t)
+    kl = kl_divergence(softened_log_probs(teacher_logits, t), softened_log_probs(student_logits, t))
+    return (t * t) * kl.mean()
 
 
 def soft_target_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(target || p_student(T)) for any target distribution (B, C), e.g. a teachers' mixture."""
     t = float(temperature)
-    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
-    kl = (target_probs * (torch.log(target_probs.clamp_min(1e-30)) - log_p_student)).sum(dim=-1)
+    kl = kl_divergence(torch.log(target_probs.float()), softened_log_probs(student_logits, t))
     return (t * t) * kl.mean()
 
 

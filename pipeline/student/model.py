@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache.manifest import Manifest
+from pipeline.cache.manifest import Manifest, TapRecord
 from pipeline.cache.schema import LOGITS, logits_column
 from pipeline.config import PRIMARY_TEACHER, LossConfig, ModelSpec
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
-from pipeline.models.taps import capture, find_modules
+from pipeline.models.taps import attach, capture, find_modules
 from pipeline.student.losses import LossInputs
 
 # The cache's tap kinds each term can use.
@@ -57,16 +57,10 @@ class TappedStudent(nn.Module):
         self.adapters = nn.ModuleDict({col: ad for col, (_, ad) in adapters.items()})
         self.adapter_source = {col: module for col, (module, _) in adapters.items()}
         self._found: dict[str, torch.Tensor] = {}
-        for name, module in find_modules(net, self.tapped, owner="the student").items():
-            module.register_forward_hook(self._hook(name))
-
-    def _hook(self, name: str):
-        def hook(_m: nn.Module, _i: Any, output: torch.Tensor) -> None:
-            self._found[name] = output
-        return hook
+        attach(net, self.tapped, self._found, owner="the student")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, Any]:
-        self._found = {}
+        self._found.clear()
         logits = self.net(x)
         if not self.tapped:
             return logits
@@ -75,15 +69,15 @@ class TappedStudent(nn.Module):
         return {"logits": logits, "features": features, "hints": hints}
 
 
-def _tap(manifest: Manifest, tap: str, term: str) -> dict[str, Any]:
+def _tap(manifest: Manifest, tap: str, term: str) -> TapRecord:
     taps = manifest.taps()
     if tap not in taps:
         raise DistillError(f"loss term `{term}` needs the tap {tap!r}, which cache {manifest.cache_id} lacks "
                            f"(its taps: {sorted(taps) or 'none'})",
                            "drop the term or precompute a cache with that tap under `outputs.taps`")
     entry = taps[tap]
-    if entry["kind"] not in _TERM_TAP_KINDS[term]:
-        raise DistillError(f"loss term `{term}` cannot use tap {tap!r} of kind {entry['kind']!r}",
+    if entry.kind not in _TERM_TAP_KINDS[term]:
+        raise DistillError(f"loss term `{term}` cannot use tap {tap!r} of kind {entry.kind!r}",
                            f"match it with a tap of kind {' or '.join(_TERM_TAP_KINDS[term])}")
     return entry
 
@@ -102,22 +96,22 @@ def loss_inputs(loss: LossConfig, manifest: Manifest) -> LossInputs:
     return LossInputs(
         logits=logits or {LOGITS: 1.0},
         multi_teacher=loss.multi_teacher,
-        hint=tuple((m.student, _tap(manifest, m.tap, "hint")["column"]) for m in loss.hint) if "hint" in used else (),
-        attention=tuple((m.student, e["column"], _map_size(e), e["p"])
+        hint=tuple((m.student, _tap(manifest, m.tap, "hint").column) for m in loss.hint) if "hint" in used else (),
+        attention=tuple((m.student, e.column, _map_size(e), e.p)
                         for m in loss.attention for e in [_tap(manifest, m.tap, "attention")]) if "attention" in used else (),
-        rkd=(loss.rkd.student, _tap(manifest, loss.rkd.tap, "rkd")["column"], loss.rkd.distance_weight, loss.rkd.angle_weight)
+        rkd=(loss.rkd.student, _tap(manifest, loss.rkd.tap, "rkd").column, loss.rkd.distance_weight, loss.rkd.angle_weight)
         if "rkd" in used and loss.rkd else None,
     )
 
 
-def _map_size(entry: dict[str, Any]) -> tuple[int, int]:
-    """An unpooled stored map is (h*w,): its grid is the tap's recorded `grid`, or square."""
-    if entry.get("pool"):
-        return tuple(entry["pool"])  # type: ignore[return-value]
-    n = int(entry["shape"][0])
+def _map_size(entry: TapRecord) -> tuple[int, int]:
+    """An unpooled stored map is (h*w,): its grid is square."""
+    if entry.pool:
+        return entry.pool[0], entry.pool[1]
+    n = int(entry.shape[0])
     side = math.isqrt(n)
     if side * side != n:
-        raise DistillError(f"tap {entry['name']!r} stores an unpooled non-square attention map ({n} values)",
+        raise DistillError(f"tap {entry.name!r} stores an unpooled non-square attention map ({n} values)",
                            "set `pool: [h, w]` on the tap and precompute again")
     return side, side
 
@@ -140,11 +134,11 @@ def build_student(spec: ModelSpec, manifest: Manifest, loss: LossConfig, inputs:
             if len(shapes[m]) != 3:
                 raise DistillError(f"attention needs a (C, H, W) student feature; module {m!r} gives {shapes[m]}",
                                    "match a convolutional layer of the student")
-    columns = {e["column"]: e for e in manifest.taps().values()}
+    columns = {e.column: e for e in manifest.taps().values()}
     adapters = {}
     for m, col in inputs.hint:
         try:
-            adapters[col] = (m, Adapter(shapes[m], tuple(columns[col]["shape"]), loss.hint_adapter))
+            adapters[col] = (m, Adapter(shapes[m], tuple(columns[col].shape), loss.hint_adapter))
         except ValueError as e:
             raise DistillError(f"hint adapter for student module {m!r}: {e}", "use `hint_adapter: linear` or match other layers") from None
     return TappedStudent(net, tapped, adapters)

@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.student.divergence import kl_divergence, softened_log_probs
+
 _UINT8_SENTINEL = 255  # a quantised offset that was clipped: that token's mass belongs to the rest bucket
 
 
@@ -201,7 +203,7 @@ def sampled_kd_loss(
     w = _keep(weights.to(dtype), mask)
     w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t = float(temperature)
-    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1).gather(-1, indices)
+    log_q = softened_log_probs(student_logits, t, dtype).gather(-1, indices)
     return (t * t) * _masked_mean(-(w * log_q).sum(dim=-1), mask)
 
 
@@ -216,10 +218,7 @@ def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     """
     dtype = _compute_dtype(student_logits)
     t = float(temperature)
-    # Clamped so an underflowed teacher probability gives 0 * finite, not 0 * -inf; one fused kernel.
-    log_p = F.log_softmax(_keep(teacher_logits.to(dtype), mask) / t, dim=-1).clamp_min(-1e4)
-    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(dim=-1)
+    kl = kl_divergence(softened_log_probs(_keep(teacher_logits, mask), t, dtype), softened_log_probs(student_logits, t, dtype))
     return (t * t) * _masked_mean(kl, mask)
 
 
@@ -297,7 +296,6 @@ def topk_uniform_tail_kd_loss(
     tail = (log_p[..., -1:] - math.log(max(vocab - k, 1))).clamp_min(-1e4)
     target = tail.expand(*idx.shape[:-1], vocab).clone()
     target.scatter_(-1, idx, log_p[..., :-1].clamp_min(-1e4))
-    log_q = F.log_softmax(student_logits.to(_compute_dtype(student_logits)) / float(temperature), dim=-1)
-    kl = F.kl_div(log_q, target, log_target=True, reduction="none").sum(dim=-1)
+    kl = kl_divergence(target, softened_log_probs(student_logits, temperature, _compute_dtype(student_logits)))
     t = float(temperature)
     return (t * t) * _masked_mean(kl, mask)

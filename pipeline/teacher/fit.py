@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH
 from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig, TeacherConfig
 from pipeline.data.sources import describe, load_split

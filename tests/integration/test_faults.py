@@ -146,15 +146,15 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
     """Stage 1 killed once its first shards are committed; the rerun computes only what is missing."""
     import glob
 
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
     from pipeline.cache.verify import verify_cache
     from pipeline.config import load_precompute_config
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     path = _heavy_precompute_yaml(tmp_path)
     uri = resolve_target(load_precompute_config(path)).uri
     proc = _driver(path)
-    from pipeline.teacher.plan import committed_rows
+    from pipeline.teacher.precompute import committed_rows
 
     try:
         # Kill once a first block is committed (a shard file alone may still be uncommitted).
@@ -185,10 +185,10 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
 
 def test_two_precomputes_of_one_cache_at_once(ray_session, tmp_path):
     """One publishes; the other waits on the lock and finds the hit. Nothing is written twice."""
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
     from pipeline.cache.verify import verify_cache
     from pipeline.config import load_precompute_config
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     path = _heavy_precompute_yaml(tmp_path)
     uri = resolve_target(load_precompute_config(path)).uri
@@ -214,10 +214,10 @@ def test_two_precomputes_of_one_cache_at_once(ray_session, tmp_path):
 def test_lost_teacher_actor_is_restarted_without_losing_rows(ray_session, tmp_path):
     from ray.util.state import list_actors
 
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
     from pipeline.cache.verify import verify_cache
     from pipeline.config import load_precompute_config
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     path = _heavy_precompute_yaml(tmp_path)
     cfg = load_precompute_config(path)

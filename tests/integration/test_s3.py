@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cli import main
 from tests.conftest import DIGITS_KD, write_yaml
 from tests.s3server import moto_s3

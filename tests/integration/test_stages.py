@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.cache.identity import resolve_target
+from pipeline.teacher.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
 from pipeline.cache.verify import list_shard_files, verify_cache
@@ -37,7 +37,7 @@ def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
     assert verify_cache(uri) == []
     assert m.columns[LOGITS] and m.outputs["logits"]["dtype"] == "float16"
     # Stored logits equal the teacher's own forward pass, recomputed here, within float16 tolerance.
-    from pipeline.teacher.plan import teacher_logits_for
+    from pipeline.teacher.precompute import teacher_logits_for
 
     val = load_split(cfg.source, "val")
     order = {sid: i for i, sid in enumerate(tables["val"].column(SAMPLE_ID).to_pylist())}
@@ -57,7 +57,7 @@ def test_second_precompute_is_a_cache_hit_and_force_recomputes(digits_stage1, ca
     assert f"cache hit: {uri}" in capsys.readouterr().out
     assert list_shard_files(uri) == before
 
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     again = run_precompute(digits_stage1["config"], force=True)
     assert not again.hit and again.rows_computed == 1797
@@ -96,7 +96,7 @@ def test_train_two_workers_from_cache(digits_stage1, tmp_path, capsys):
 
 def test_float32_logits_on_request_make_another_cache(digits_stage1):
     from pipeline.config import load_precompute_config
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     cfg = load_precompute_config(digits_stage1["config_path"], ["outputs.logits.dtype=float32"])
     result = run_precompute(cfg)
@@ -112,7 +112,7 @@ def test_parquet_source_through_ray_data(digits_stage1, tmp_path):
 
     from pipeline.config import load_precompute_config
     from pipeline.data.sources import describe
-    from pipeline.teacher.plan import run_precompute
+    from pipeline.teacher.precompute import run_precompute
 
     digits = digits_stage1["config"].source
     rows = {s: load_split(digits, s) for s in ("train", "val")}

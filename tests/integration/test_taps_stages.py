@@ -40,7 +40,7 @@ def tapped_cache(digits_stage1, tmp_path_factory):
     path = write_yaml(root / "precompute.yaml", data)
     assert main(["precompute", path]) == 0
     cfg = load_precompute_config(path)
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
 
     return {"path": path, "config": cfg, "uri": resolve_target(cfg).uri, "root": root}
 
@@ -100,7 +100,7 @@ def test_every_feature_term_trains_on_two_workers_and_feeds_a_born_again_teacher
     pre["cache_root"] = str(tmp_path / "cache")
     gen2 = write_yaml(tmp_path / "gen2.yaml", pre)
     assert main(["precompute", gen2]) == 0
-    from pipeline.cache.identity import resolve_target
+    from pipeline.teacher.identity import resolve_target
 
     m = read_manifest(resolve_target(load_precompute_config(gen2)).uri)
     assert m.teacher["factory"].endswith("cnn_student") and m.rows == 1797

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cache.identity import resolve_target
+from pipeline.teacher.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import (
     INPUT_IDS,
@@ -153,7 +153,7 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     config = transformers.GPT2Config(vocab_size=258, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
     data = {"source": {**SOURCE, "max_bytes": 8000, "tokenizer": {"kind": "byte"}},
-            "teacher": {"factory": "pipeline.models.lm:hf_causal_lm", "kwargs": {"path": str(model_dir)}},
+            "teacher": {"factory": "pipeline.models.hf:hf_causal_lm", "kwargs": {"path": str(model_dir)}},
             "outputs": {"logits": {"mode": "topk", "k": 4, "temperatures": [1.0], "values": "float16"}},
             "cache_root": str(tmp_path / "cache")}
     path = write_yaml(tmp_path / "pre-hf.yaml", data)

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from pipeline.cache.identity import resolve_target
+from pipeline.teacher.identity import resolve_target
 from pipeline.cache.key import cache_identity, cache_key
 from pipeline.config import load_precompute_config
 from pipeline.models.builtin import digits_cnn

@@ -62,13 +62,13 @@ def test_manifest_has_kuberay_fields(path):
             _check_cluster_spec(spec["rayClusterSpec"])
         words = shlex.split(spec["entrypoint"].split("&&")[-1])
         module = words[words.index("-m") + 1]
-        assert module in ("jobs.precompute", "jobs.train")
-        assert glob.glob(module.replace(".", "/") + ".py")
+        assert module in ("pipeline.teacher", "pipeline.student")
+        assert glob.glob(module.replace(".", "/") + "/__main__.py")
         config = words[words.index("-m") + 2]
         assert glob.glob(config), f"{path} names {config}, which is not in the repo"
         from pipeline.config import load_config
 
-        load_config(config, kind=module.split(".")[1])
+        load_config(config, kind={"pipeline.teacher": "precompute", "pipeline.student": "train"}[module])
 
 
 def test_cluster_selector_points_at_the_raycluster():
@@ -85,6 +85,18 @@ def test_docker_base_image_matches_pinned_ray():
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-", text, re.M)
     ignored = open(".dockerignore").read().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def test_docker_image_installs_the_built_wheel():
+    """The image runs the package as users install it: a wheel built in a first stage, installed in the
+    final one; the source tree itself never lands in the final image."""
+    text = open("docker/Dockerfile").read()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) == 2, "a build stage and the final stage"
+    build, final = stages
+    assert "pip wheel" in build and re.search(r"COPY .*pipeline", build)
+    assert re.search(r"COPY --from=\w+ .*\.whl", final) and re.search(r"pip install .*\.whl", final)
+    assert not re.search(r"COPY .*pipeline", final) and "jobs/configs" in final
 
 
 def test_local_cluster_scripts_exist():

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.config import ModelSpec
 from pipeline.errors import DistillError
-from pipeline.models import lm, taps
+from pipeline.models import hf, lm, taps
 from pipeline.models.factory import build_model, output_width
 
 V, L = 300, 16
@@ -116,34 +116,34 @@ def _ids() -> torch.Tensor:
 
 def test_hf_causal_lm_returns_the_models_logits(hf_dir):
     path, reference = hf_dir
-    wrapped = lm.hf_causal_lm(path)
+    wrapped = hf.hf_causal_lm(path)
     ids = _ids()
     out = wrapped(ids)
     assert out.shape == (2, 8, V)
     assert torch.equal(out, reference(ids).logits)
     assert torch.equal(wrapped(ids.int()), out)
-    assert lm.hf_causal_lm(path, dtype="bfloat16")(ids).dtype == torch.bfloat16
+    assert hf.hf_causal_lm(path, dtype="bfloat16")(ids).dtype == torch.bfloat16
 
 
 def test_hf_vocab_mismatch_names_both_sizes(hf_dir):
     with pytest.raises(DistillError, match=r"predicts 300 tokens but the pipeline expects 8192"):
-        lm.hf_causal_lm(hf_dir[0], num_classes=8192)
+        hf.hf_causal_lm(hf_dir[0], num_classes=8192)
     with pytest.raises(DistillError, match="vocabulary mismatch"):
-        build_model(ModelSpec(factory="pipeline.models.lm:hf_causal_lm", kwargs={"path": hf_dir[0]}), num_classes=301)
+        build_model(ModelSpec(factory="pipeline.models.hf:hf_causal_lm", kwargs={"path": hf_dir[0]}), num_classes=301)
 
 
 def test_hf_other_errors(hf_dir, tmp_path):
     with pytest.raises(DistillError, match="does not exist"):
-        lm.hf_causal_lm(str(tmp_path / "missing"))
+        hf.hf_causal_lm(str(tmp_path / "missing"))
     with pytest.raises(DistillError, match="exceed the 32 positions"):
-        lm.hf_causal_lm(hf_dir[0], input_shape=(64,))
+        hf.hf_causal_lm(hf_dir[0], input_shape=(64,))
     with pytest.raises(DistillError, match="unknown dtype"):
-        lm.hf_causal_lm(hf_dir[0], dtype="float8")
+        hf.hf_causal_lm(hf_dir[0], dtype="float8")
 
 
 def test_hf_through_build_model(hf_dir):
     path, reference = hf_dir
-    spec = ModelSpec(factory="pipeline.models.lm:hf_causal_lm", kwargs={"path": path})
+    spec = ModelSpec(factory="pipeline.models.hf:hf_causal_lm", kwargs={"path": path})
     model = build_model(spec, num_classes=V, input_shape=(8,))
     assert torch.equal(model(_ids()), reference(_ids()).logits)
     assert output_width(model, (8,)) == V
@@ -158,10 +158,10 @@ def test_hf_from_an_fsspec_copy(hf_dir, tmp_path):
     for name in os.listdir(path):
         with open(os.path.join(path, name), "rb") as f:
             storage.write_bytes_atomic(f"{uri}/{name}", f.read())
-    model = lm.hf_causal_lm(uri, num_classes=V)
+    model = hf.hf_causal_lm(uri, num_classes=V)
     assert torch.equal(model(_ids()), reference(_ids()).logits)
-    assert lm.hf_weights_digest(uri) == lm.hf_weights_digest(path)
+    assert hf.hf_weights_digest(uri) == hf.hf_weights_digest(path)
     storage.write_bytes_atomic(f"{uri}/extra.txt", b"changed")
-    assert lm.hf_weights_digest(uri) != lm.hf_weights_digest(path)
+    assert hf.hf_weights_digest(uri) != hf.hf_weights_digest(path)
     with pytest.raises(DistillError, match="empty or does not exist"):
-        lm.hf_causal_lm(f"memory://hf-{uuid.uuid4().hex[:8]}/nothing")
+        hf.hf_causal_lm(f"memory://hf-{uuid.uuid4().hex[:8]}/nothing")

@@ -7,10 +7,10 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import ModelSpec
 from pipeline.models.builtin import digits_cnn, mlp
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
-from pipeline.student.loop import evaluate, make_optimizer, train_epoch
-from pipeline.student.losses import DistillationLoss
-from pipeline.student.trainer import teacher_evidence
+from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student.worker import teacher_evidence
 from pipeline.teacher.encode import encode_full_logits
+from tests.conftest import in_memory_task
 
 
 def _batches(n=256, bs=32, seed=0):
@@ -28,13 +28,13 @@ def test_train_epoch_reduces_loss_and_eval_reports_metrics():
     data = _batches()
     student = mlp((1, 8, 8), 10, hidden=(32,))
     opt = make_optimizer(student.parameters(), "adam", 3e-3)
-    loss = DistillationLoss({"kd": 0.7, "ce": 0.3}, 4.0)
-    first = train_epoch(student, data, loss, opt)
+    task = in_memory_task({"kd": 0.7, "ce": 0.3}, 4.0)
+    first = train_epoch(student, data, task, opt)
     for _ in range(15):
-        last = train_epoch(student, data, loss, opt)
+        last = train_epoch(student, data, task, opt)
     assert last["train_loss"] < first["train_loss"]
     assert first["train_samples"] == 256 and {"train_kd", "train_ce"} <= set(first)
-    ev = evaluate(student, data, 4.0)
+    ev = task.evaluate(student, data)
     assert ev["val_rows"] == 256 and ev["teacher_val_accuracy"] == 1.0  # labels are the teacher's argmax here
     assert ev["val_accuracy"] == ev["val_agreement"]
     assert ev["val_kl"] >= 0
@@ -43,7 +43,7 @@ def test_train_epoch_reduces_loss_and_eval_reports_metrics():
 def test_eval_metrics_on_known_logits():
     batch = {X: torch.eye(3), LOGITS: torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]]), LABEL: torch.tensor([0, 1, 1])}
     identity = torch.nn.Identity()
-    ev = evaluate(identity, [batch], 1.0)
+    ev = in_memory_task({"kd": 1.0}, 1.0, num_classes=3, input_shape=(3,)).evaluate(identity, [batch])
     assert ev["val_accuracy"] == pytest.approx(2 / 3)
     assert ev["teacher_val_accuracy"] == pytest.approx(2 / 3)
     assert ev["val_agreement"] == 1.0
@@ -65,18 +65,18 @@ def test_builders_fill_shape_and_classes():
 
 
 def test_teacher_evidence_detects_a_built_teacher_and_stage1_imports(monkeypatch):
-    monkeypatch.setattr("pipeline.student.trainer.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:mlp"])
+    monkeypatch.setattr("pipeline.student.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:mlp"])
     monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if not k.startswith("pipeline.teacher")})
     assert teacher_evidence("pipeline.models.builtin:digits_cnn") == []
-    monkeypatch.setattr("pipeline.student.trainer.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:digits_cnn"])
+    monkeypatch.setattr("pipeline.student.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:digits_cnn"])
     assert teacher_evidence("pipeline.models.builtin:digits_cnn") == ["built pipeline.models.builtin:digits_cnn"]
-    monkeypatch.setitem(sys.modules, "pipeline.teacher.inference", object())
-    assert "imported pipeline.teacher.inference" in teacher_evidence(None)
+    monkeypatch.setitem(sys.modules, "pipeline.teacher.predictor", object())
+    assert "imported pipeline.teacher.predictor" in teacher_evidence(None)
     # A teacher with weights: reading them is the evidence, building the same architecture is not (born-again).
-    monkeypatch.setattr("pipeline.student.trainer.LOADED_IN_THIS_PROCESS", ["/w/student.pt"])
-    monkeypatch.delitem(sys.modules, "pipeline.teacher.inference")
+    monkeypatch.setattr("pipeline.student.worker.LOADED_IN_THIS_PROCESS", ["/w/student.pt"])
+    monkeypatch.delitem(sys.modules, "pipeline.teacher.predictor")
     assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == []
-    monkeypatch.setattr("pipeline.student.trainer.LOADED_IN_THIS_PROCESS", ["/w/teacher.pt"])
+    monkeypatch.setattr("pipeline.student.worker.LOADED_IN_THIS_PROCESS", ["/w/teacher.pt"])
     assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == ["loaded /w/teacher.pt"]
 
 

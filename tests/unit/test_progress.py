@@ -4,7 +4,7 @@ import torch
 
 from pipeline.progress import Throttle, format_eta, progress_line
 from pipeline.student.loop import train_epoch
-from pipeline.student.losses import DistillationLoss
+from tests.conftest import in_memory_task
 
 
 def test_progress_line_rate_and_eta():
@@ -28,6 +28,6 @@ def test_train_epoch_reports_every_step():
     model = torch.nn.Linear(3, 2)
     batches = [{"x": torch.randn(4, 3), "label": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
     seen = []
-    train_epoch(model, batches, DistillationLoss({"ce": 1.0}, 1.0), torch.optim.SGD(model.parameters(), lr=0.1),
+    train_epoch(model, batches, in_memory_task({"ce": 1.0}, 1.0, num_classes=2, input_shape=(3,)), torch.optim.SGD(model.parameters(), lr=0.1),
                 on_step=lambda step, samples: seen.append((step, samples)))
     assert seen == [(1, 4), (2, 8), (3, 12)]

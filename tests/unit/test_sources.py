@@ -3,12 +3,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import SourceConfig
+from pipeline.config import DigitsSource, MnistSource, ParquetSource
 from pipeline.data.sources import describe, load_split
 
 
 def test_digits_split_is_deterministic_and_disjoint():
-    cfg = SourceConfig(kind="digits")
+    cfg = DigitsSource()
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     assert len(train["label"]) + len(val["label"]) == 1797
     assert len(val["label"]) == round(1797 * 0.2)
@@ -22,14 +22,14 @@ def test_digits_split_is_deterministic_and_disjoint():
 
 
 def test_split_seed_changes_split_and_fingerprint_is_stable():
-    a = load_split(SourceConfig(kind="digits", split_seed=0), "val")["sample_id"]
-    b = load_split(SourceConfig(kind="digits", split_seed=1), "val")["sample_id"]
+    a = load_split(DigitsSource(split_seed=0), "val")["sample_id"]
+    b = load_split(DigitsSource(split_seed=1), "val")["sample_id"]
     assert set(a) != set(b)
-    assert describe(SourceConfig(kind="digits")).fingerprint == describe(SourceConfig(kind="digits", split_seed=1)).fingerprint
+    assert describe(DigitsSource()).fingerprint == describe(DigitsSource(split_seed=1)).fingerprint
 
 
 def test_mnist_subset_is_4000_train_1000_val():
-    info = describe(SourceConfig(kind="mnist"))
+    info = describe(MnistSource())
     assert info.rows == {"train": 4000, "val": 1000}
     assert info.input_shape == (1, 28, 28)
 
@@ -41,7 +41,7 @@ def test_parquet_source_standardises_columns_and_splits_by_id(tmp_path):
     table = pa.table({"id": [f"row{i}" for i in range(n)], "f": pa.array(list(feats), pa.list_(pa.float32(), 6)),
                       "y": rng.integers(0, 3, n)})
     pq.write_table(table, tmp_path / "data.parquet")
-    cfg = SourceConfig(kind="parquet", uri=str(tmp_path / "data.parquet"), id_column="id", input_columns=["f"],
+    cfg = ParquetSource(uri=str(tmp_path / "data.parquet"), id_column="id", input_columns=["f"],
                        label_column="y", input_shape=[2, 3])
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     assert len(train["label"]) + len(val["label"]) == n
@@ -60,7 +60,7 @@ def test_parquet_source_standardises_columns_and_splits_by_id(tmp_path):
 
 def test_parquet_source_missing_column_is_clear(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "y": [0]}), tmp_path / "d.parquet")
-    cfg = SourceConfig(kind="parquet", uri=str(tmp_path / "d.parquet"), id_column="id", input_columns=["f"], label_column="y")
+    cfg = ParquetSource(uri=str(tmp_path / "d.parquet"), id_column="id", input_columns=["f"], label_column="y")
     from pipeline.errors import DistillError
 
     with pytest.raises(DistillError, match=r"lacks column\(s\) \['f'\]"):

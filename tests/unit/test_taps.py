@@ -14,7 +14,8 @@ from pipeline.models.builtin import mnist_cnn
 from pipeline.models.taps import attention_map, capture, embedding
 from pipeline.student.losses import DistillationLoss
 from pipeline.student.model import Adapter, build_student, loss_inputs
-from pipeline.teacher.inference import TeacherPredictor
+from pipeline.teacher.predictor import TeacherPredictor
+from tests.conftest import full_logits, make_manifest
 
 TEACHER = {"factory": "pipeline.models.builtin:mnist_cnn", "kwargs": {"width": 8}, "weights": None}
 TAPS = [
@@ -72,9 +73,9 @@ def test_capture_removes_its_hooks_and_attention_map_is_unit_norm():
 
 
 def _manifest(taps: dict) -> Manifest:
-    return Manifest(cache_id="c", teacher={}, teachers={"teacher": {"column": LOGITS}, "b": {"column": "b_logits"}},
-                    dataset={}, outputs={"logits": {"column": LOGITS, "columns": {"teacher": LOGITS, "b": "b_logits"}}, "taps": taps},
-                    num_classes=10, input_shape=[1, 28, 28], rows=10, rows_by_split={"train": 8, "val": 2}, columns={}, shards=[])
+    outputs = [full_logits(), full_logits("b", "b_logits")]
+    outputs += [{"mode": "tap", "teacher": "teacher", "module": "0", "columns": [t.pop("column")], **t} for t in taps.values()]
+    return make_manifest(outputs, input_shape=(1, 28, 28), teachers=["teacher", "b"])
 
 
 MANIFEST = _manifest({

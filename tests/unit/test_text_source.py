@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID
-from pipeline.config import PrecomputeConfig, SourceConfig
+from pipeline.config import PrecomputeConfig, parse_source
 from pipeline.data.sources import describe, load_split
-from pipeline.data.text import doc_id_of
+from pipeline.data.windows import doc_id_of
 
 SOURCE = {"kind": "text", "seq_len": 16, "val_fraction": 0.25, "max_bytes": 30_000, "tokenizer": {"kind": "bpe", "vocab_size": 400}}
 
 
 def test_text_source_windows_split_by_document():
-    cfg = SourceConfig.model_validate(SOURCE)
+    cfg = parse_source(SOURCE)
     info = describe(cfg)
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     assert info.num_classes == 400 and info.input_shape == (16,)

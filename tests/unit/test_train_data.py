@@ -8,7 +8,7 @@ import pytest
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import TrainConfig
-from pipeline.student.trainer import in_memory_bytes, timed
+from pipeline.student.datasets import in_memory_bytes, timed
 from tests.conftest import make_cache
 
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter
 
-from pipeline.cache import storage
+from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
-from pipeline.config import LogitsOutput, ModelSpec, TapOutput
+from pipeline.config import FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits
 from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
 from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
@@ -38,7 +39,7 @@ class TeacherPredictor:
         self.taps = {name: [t for t in parsed if t.teacher == name] for name in self.models}
         for name, model in self.models.items():
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
-        self.spec = LogitsOutput.model_validate(logits_spec or {"dtype": logits_dtype})
+        self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,19 +65,23 @@ class TeacherPredictor:
         (name, model), = self.models.items()  # token caches hold one teacher (checked in the config)
         ids = torch.from_numpy(np.asarray(batch[INPUT_IDS], dtype=np.int64)).to(self.device)
         spec, out = self.spec, dict(batch)
-        # Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike).
-        gen = torch.Generator(device=self.device).manual_seed(
-            spec.seed * 1_000_003 + zlib.crc32(str(batch[SAMPLE_ID][0]).encode()) if len(ids) else spec.seed)
-        if spec.mode == "sequences":
+        if isinstance(spec, TeacherSequences):
+            gen = self._generator(batch, spec.seed)
             seq = generate(model, ids[:, :spec.prompt_tokens], spec.new_tokens, spec.strategy, spec.temperatures[0], gen)
             out[TEACHER_SEQUENCE] = seq.to(torch.int32).cpu().numpy()
             return out
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
             logits = model(ids[:, :-1])
-        if spec.mode == "full":
+        if isinstance(spec, FullLogits):
             out[logits_column(name)] = encode_full_logits(logits.float(), spec.dtype)
-        elif spec.mode == "topk":
+        elif isinstance(spec, TopkLogits):
             out.update(encode_topk(logits.float(), spec.k, spec.temperatures, spec.values, spec.step))
-        else:
+        elif isinstance(spec, SampledLogits):
+            gen = self._generator(batch, spec.seed)
             out.update(encode_sampled(logits.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature))
         return out
+
+    def _generator(self, batch: dict[str, np.ndarray], seed: int) -> torch.Generator:
+        """Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike)."""
+        first = zlib.crc32(str(batch[SAMPLE_ID][0]).encode()) if len(batch[SAMPLE_ID]) else 0
+        return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + first)

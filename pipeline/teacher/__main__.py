@@ -1,10 +1,10 @@
-"""Ray Job entrypoint for stage 1 (what `distill submit precompute` and the KubeRay RayJob run)."""
+"""Ray Job entrypoint for stage 1: `python -m pipeline.teacher [CONFIG] [--set ...] [--force]`."""
 
 import sys
 
-from jobs.entrypoint import run_entrypoint
 from pipeline.config import PrecomputeConfig
-from pipeline.teacher.plan import run_precompute
+from pipeline.entrypoint import run_entrypoint
+from pipeline.teacher.precompute import run_precompute
 
 if __name__ == "__main__":
     sys.exit(run_entrypoint("precompute", PrecomputeConfig, lambda cfg, args: run_precompute(cfg, force=args.force)))

@@ -1,0 +1,46 @@
+"""The `distill` command. User errors print one line and exit 2; a failed stage exits 1.
+
+Subcommands live by group: `stages` (validate, fit-teacher, precompute, train, report), `cache`
+and `jobs` (submit, jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from pipeline.cli import cache, jobs, stages
+from pipeline.errors import DistillError
+from pipeline.runtime import VERBOSE_ENV
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distributed knowledge distillation on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own progress bars and INFO logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (stages, jobs, cache):
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except DistillError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`distill validate | fit-teacher | precompute | train | report`: the stages and their results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.errors import DistillError
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set epochs=5 (repeatable)")
+
+
+def add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import PrecomputeConfig, load_config
+    from pipeline.models.factory import resolve_factory
+
+    cfg = load_config(args.config, args.overrides)
+    kind = "precompute" if isinstance(cfg, PrecomputeConfig) else "train"
+    resolve_factory(cfg.teacher.factory if isinstance(cfg, PrecomputeConfig) else cfg.student.factory)
+    print(f"ok: {args.config} is a valid {kind} config")
+    if args.show:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_fit_teacher(args: argparse.Namespace) -> int:
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.fit import fit_teacher
+
+    fit_teacher(load_precompute_config(args.config, args.overrides), name=args.name)
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.precompute import run_precompute
+
+    run_precompute(load_precompute_config(args.config, args.overrides), force=args.force, address=args.address)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_train_config
+    from pipeline.student.run import load_run_config, run_train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise DistillError("--resume takes the run directory alone", "drop CONFIG and --set: the run keeps its config")
+        run_train(load_run_config(args.resume), address=args.address, resume=True)
+    elif not args.config:
+        raise DistillError("no config", "distill train CONFIG, or distill train --resume RUN_DIR")
+    else:
+        run_train(load_train_config(args.config, args.overrides), address=args.address, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(f"wrote {write_report(args.run_dirs, args.out)}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validate", help="check a config without running it")
+    add_config_args(p)
+    p.add_argument("--show", action="store_true", help="print the resolved config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("fit-teacher", help="train and save the teachers named in a precompute config")
+    add_config_args(p)
+    p.add_argument("--name", help="fit only this teacher (`teacher` or a key of `teachers`); default: all")
+    p.set_defaults(func=cmd_fit_teacher)
+
+    p = sub.add_parser("precompute", help="stage 1: run the teacher once and write the cache")
+    add_config_args(p)
+    add_address(p)
+    p.add_argument("--force", action="store_true", help="recompute even if the cache exists")
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("train", help="stage 2: train a student from the cache")
+    add_config_args(p, required=False)
+    add_address(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>)")
+    p.add_argument("--out", help="where to write the page (default: report.html beside the first run)")
+    p.set_defaults(func=cmd_report)

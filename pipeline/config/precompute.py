@@ -1,0 +1,174 @@
+"""Stage 1's config: the source, the teacher(s), what to store per row, and how to schedule the pass.
+
+The logits modes are a discriminated union on `mode`: each carries only its own fields, and those
+fields are exactly what goes into the cache key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config.base import NAME_PATTERN, PRIMARY_TEACHER, JobOptions, ModelSpec, StorageOptions, Strict
+from pipeline.config.source import Source, TextSource
+
+
+class FitConfig(Strict):
+    """How `distill fit-teacher` trains the demo teacher (plain PyTorch, one process)."""
+
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    shift: int = Field(2, ge=0)  # random +-shift pixel translations as augmentation
+    seed: int = 0
+
+
+class TeacherConfig(ModelSpec):
+    fit: FitConfig = Field(default_factory=FitConfig)
+
+
+def _positive(v: list[float]) -> list[float]:
+    if any(t <= 0 for t in v):
+        raise ValueError("temperatures must be > 0")
+    return v
+
+
+class FullLogits(Strict):
+    """Every logit, raw (small class counts, or small vocabularies): any temperature is exact at train time."""
+
+    mode: Literal["full"] = "full"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class TopkLogits(Strict):
+    """Token caches: the k largest logits and their ids, plus logsumexp(z/T) over the full vocabulary for
+    each declared T, so the mass of everything not stored is exact."""
+
+    mode: Literal["topk"] = "topk"
+    k: int = Field(32, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    values: Literal["float16", "uint8"] = "float16"  # raw logits, or uint8 offsets below the token's max
+    step: float = Field(1 / 16, gt=0)  # uint8 quantisation step, in logits
+
+    _temperatures = field_validator("temperatures")(_positive)
+
+
+class SampledLogits(Strict):
+    """Token caches: k importance-weighted draws per token from the teacher (sampled KD)."""
+
+    mode: Literal["sampled"] = "sampled"
+    k: int = Field(32, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    proposal_temperature: float | None = Field(None, gt=0)  # draw from softmax(z / this); default T
+    seed: int = 0  # the draws are reproducible
+
+    @field_validator("temperatures")
+    @classmethod
+    def _one_temperature(cls, v: list[float]) -> list[float]:
+        if len(v) != 1:
+            raise ValueError("a sampled cache is drawn at one temperature: give `outputs.logits.temperatures` one value")
+        return _positive(v)
+
+
+class TeacherSequences(Strict):
+    """Token caches: the teacher's own continuation of each window's first `prompt_tokens` (sequence-level KD)."""
+
+    mode: Literal["sequences"] = "sequences"
+    prompt_tokens: int = Field(16, ge=1)
+    new_tokens: int = Field(48, ge=1)
+    strategy: Literal["greedy", "sample"] = "greedy"
+    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)  # `sample` draws at the first
+    seed: int = 0
+
+    _temperatures = field_validator("temperatures")(_positive)
+
+
+LogitsOutput = Annotated[Union[FullLogits, TopkLogits, SampledLogits, TeacherSequences], Field(discriminator="mode")]
+LOGITS_MODES = ("full", "topk", "sampled", "sequences")
+
+
+class TapOutput(Strict):
+    """An intermediate signal of a teacher, captured by a forward hook on `module`.
+
+    `feature` stores the activation (pooled to `pool` if set), `attention` the Zagoruyko &
+    Komodakis map mean_c |A|^p (resized to `pool`), `embedding` one vector per row. All float16.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)  # what train configs call it; unique in the cache
+    module: str  # qualified name from teacher.named_modules(), e.g. "5" or "layer3.1.conv2"
+    kind: Literal["feature", "attention", "embedding"] = "feature"
+    pool: list[int] | None = Field(None, min_length=2, max_length=2)
+    p: float = Field(2.0, gt=0)
+    teacher: str = PRIMARY_TEACHER  # which teacher of the cache
+
+
+class OutputsConfig(Strict):
+    """What stage 1 stores per row. Content-defining: part of the cache key."""
+
+    logits: LogitsOutput = Field(default_factory=FullLogits)
+    taps: list[TapOutput] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _full_by_default(cls, data: Any) -> Any:
+        """`logits: {dtype: float32}` without a mode means full logits, as it always has."""
+        if isinstance(data, dict) and isinstance(data.get("logits"), dict) and "mode" not in data["logits"]:
+            data = {**data, "logits": {"mode": "full", **data["logits"]}}
+        return data
+
+    @field_validator("taps")
+    @classmethod
+    def _unique_names(cls, v: list[TapOutput]) -> list[TapOutput]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tap names must be unique, repeated: {dup}")
+        return v
+
+
+class PrecomputeConfig(Strict):
+    source: Source
+    teacher: TeacherConfig
+    # More teachers computed in the same pass; columns are namespaced `<name>_logits`.
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    cache_root: str = "runs/cache"
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    job: JobOptions = Field(default_factory=JobOptions)
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    # Custom Ray resources each teacher actor asks for, e.g. {"teacher_gpu": 1} to pin it to such nodes.
+    actor_resources: dict[str, float] = Field(default_factory=dict)
+    rows_per_shard: int = Field(50_000, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrecomputeConfig":
+        for name in self.teachers:
+            if name == PRIMARY_TEACHER or not re.match(NAME_PATTERN, name):
+                raise ValueError(f"teacher name {name!r} must match {NAME_PATTERN} and differ from {PRIMARY_TEACHER!r}")
+        unknown = sorted({t.teacher for t in self.outputs.taps} - set(self.all_teachers))
+        if unknown:
+            raise ValueError(f"outputs.taps name unknown teacher(s) {unknown}; teachers: {list(self.all_teachers)}")
+        logits = self.outputs.logits
+        text = isinstance(self.source, TextSource)
+        if logits.mode != "full" and not text:
+            raise ValueError(f"outputs.logits.mode {logits.mode!r} is for token caches: it needs `source.kind: text`")
+        if text and (self.teachers or self.outputs.taps):
+            raise ValueError("a text cache holds one teacher and no taps: drop `teachers` and `outputs.taps`")
+        if isinstance(logits, TeacherSequences) and isinstance(self.source, TextSource) and logits.prompt_tokens > self.source.seq_len:
+            raise ValueError("`outputs.logits.prompt_tokens` must be at most `source.seq_len`")
+        return self
+
+    @property
+    def all_teachers(self) -> dict[str, TeacherConfig]:
+        return {PRIMARY_TEACHER: self.teacher, **self.teachers}
+
+    def recipe(self) -> dict[str, Any]:
+        """What this config asks the cache to hold, as written (no weights hashed, no data read):
+        how stage 2 finds the cache a precompute config produced (see pipeline.cache.index)."""
+        return self.model_dump(mode="json", include={"source", "outputs"}) | {
+            "teachers": {name: t.model_dump(mode="json", exclude={"fit"}) for name, t in self.all_teachers.items()}}

@@ -1,0 +1,115 @@
+"""Stage 2's config: which cache, which student, the loss terms, the optimiser and the Ray Train scaling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config.base import JobOptions, ModelSpec, StorageOptions, Strict
+
+# Loss terms the student stage knows; each maps to a function in pipeline/student/losses.py.
+KNOWN_LOSS_TERMS = ("kd", "ce", "deit_hard", "hint", "attention", "rkd")
+
+
+class TapMatch(Strict):
+    """A student module paired with a tap the cache stores."""
+
+    student: str  # qualified name from student.named_modules()
+    tap: str  # the tap's `name` in the precompute config (see `distill cache show`)
+
+
+class RkdOptions(TapMatch):
+    distance_weight: float = Field(1.0, ge=0)  # lambda_D of Park et al. (2019)
+    angle_weight: float = Field(2.0, ge=0)  # lambda_A
+
+
+class LossConfig(Strict):
+    """Weighted loss terms. `kd` is alpha in alpha*T^2*KL + (1-alpha)*CE; `ce` is 1-alpha.
+
+    `hint`, `attention` and `rkd` need their layer pairs below; `deit_hard` needs only logits.
+    """
+
+    temperature: float = Field(4.0, gt=0)
+    terms: dict[str, float] = Field(default_factory=lambda: {"kd": 0.7, "ce": 0.3})
+    hint: list[TapMatch] = Field(default_factory=list)  # FitNets: adapter(student) ~ teacher feature
+    hint_adapter: Literal["auto", "linear", "conv1x1"] = "auto"
+    attention: list[TapMatch] = Field(default_factory=list)  # attention transfer pairs
+    rkd: RkdOptions | None = None  # relational KD on embeddings
+    # Teachers whose logits the kd/deit_hard targets use, with weights (None: the primary `teacher` only).
+    teachers: dict[str, float] | None = None
+    # average: KL to the weighted mean of the teachers' softened distributions;
+    # per_teacher: the weighted sum of one KL term per teacher.
+    multi_teacher: Literal["average", "per_teacher"] = "average"
+    # Top-k token caches: `bucket` is the exact KL over the k stored tokens + one rest bucket;
+    # `uniform` also spreads the exact rest mass evenly over the tokens not stored (full-vocabulary KL).
+    topk_tail: Literal["bucket", "uniform"] = "bucket"
+
+    @model_validator(mode="after")
+    def _pairs_for_terms(self) -> "LossConfig":
+        for term, pairs in (("hint", self.hint), ("attention", self.attention), ("rkd", self.rkd)):
+            if self.terms.get(term, 0) > 0 and not pairs:
+                raise ValueError(f"loss term `{term}` needs `loss.{term}` (student module and cache tap to match)")
+        if self.teachers is not None and (not self.teachers or any(w < 0 for w in self.teachers.values())
+                                          or sum(self.teachers.values()) <= 0):
+            raise ValueError("`loss.teachers` needs at least one teacher with a positive weight")
+        return self
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(KNOWN_LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}; known: {list(KNOWN_LOSS_TERMS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("loss weights must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("at least one loss term needs a positive weight")
+        return v
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+
+
+class TrainConfig(Strict):
+    name: str | None = None  # run directory name under storage_path; defaults to "<config stem>-seed<seed>"
+    cache: str | None = None  # URI of a cache directory (<cache_root>/<cache_id>)
+    precompute: str | None = None  # or: the precompute config the cache came from
+    student: ModelSpec
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # global: each of the N workers takes batch_size / N
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    storage_path: str = "runs/train"
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    job: JobOptions = Field(default_factory=JobOptions)
+    seed: int = 0
+    shuffle_buffer: int = Field(4096, ge=0)
+    # Read the cache once into Ray's object store and serve every epoch from there, instead of
+    # streaming the shards again each epoch. None (auto): when the selected columns of both
+    # splits fit in a fifth of the cluster's object store memory.
+    in_memory: bool | None = None
+    max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before the run fails
+
+    @model_validator(mode="after")
+    def _one_cache_source(self) -> "TrainConfig":
+        if bool(self.cache) == bool(self.precompute):
+            raise ValueError("set exactly one of `cache` (a cache URI) or `precompute` (its precompute config)")
+        if self.batch_size < self.num_workers:
+            raise ValueError("`batch_size` is global and must be at least `num_workers`")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """Share of the KD term, the usual way to name a KD mix."""
+        total = sum(self.loss.terms.values())
+        return self.loss.terms.get("kd", 0.0) / total
+
+

@@ -1,0 +1,112 @@
+"""Hugging Face causal LMs as pipeline models: loaded with `from_pretrained` from a saved directory
+(local or any fsspec URI), never from the Hub, with their forward returning the logits tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.errors import DistillError
+
+
+class HFCausalLM(nn.Module):
+    """An HF `*ForCausalLM` whose forward returns the logits tensor; the HF model is `self.model`,
+    so taps name its modules as `model.<HF name>` (e.g. `model.transformer.h.0`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.long(), use_cache=False).logits
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
+                 dtype: str | None = None) -> nn.Module:
+    """Load `AutoModelForCausalLM.from_pretrained` from a saved directory, never from the Hub.
+
+    Args:
+        path: a local directory or an fsspec URI (s3://...) of one; a remote directory is copied
+            to a local temporary directory first.
+        num_classes: the vocabulary the pipeline expects (the tokenizer's or the cache's); a model
+            with another vocabulary size is a DistillError naming both.
+        input_shape: (L,); longer than the model's position table is a DistillError.
+        dtype: "float32", "bfloat16" or "float16"; default: as saved.
+
+    Returns:
+        `HFCausalLM`: input_ids (B, L) -> logits (B, L, V).
+    """
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise DistillError("hf_causal_lm needs the transformers package", "pip install transformers") from None
+    if dtype is not None and dtype not in _DTYPES:
+        raise DistillError(f"unknown dtype {dtype!r} for {path}", f"use one of {list(_DTYPES)}")
+    kwargs: dict[str, object] = {"local_files_only": True}
+    if dtype is not None:
+        # transformers 5 names it `dtype`; 4.x (before 4.56) only knows `torch_dtype`.
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = _DTYPES[dtype]
+    if storage.is_local(path):
+        local = storage.local_path(path)
+        if not os.path.isdir(local):
+            raise DistillError(f"HF model directory {path!r} does not exist",
+                               "save one with model.save_pretrained(DIR) and point `path` at DIR")
+        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hf-model-") as local:
+            _copy_dir(path, local)
+            model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+    model.eval()
+    vocab = _vocab_size(model)
+    if num_classes is not None and num_classes != vocab:
+        raise DistillError(
+            f"vocabulary mismatch: the model at {path} predicts {vocab} tokens but the pipeline expects {num_classes}",
+            "teacher and student must share one tokenizer: train the student with the teacher's tokenizer "
+            "(or a cache made with it), or set num_classes to the model's vocabulary size",
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if input_shape is not None and positions is not None and int(input_shape[0]) > positions:
+        raise DistillError(f"windows of {input_shape[0]} tokens exceed the {positions} positions of the model at {path}",
+                           f"use seq_len <= {positions}")
+    return HFCausalLM(model)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _copy_dir(uri: str, local: str) -> None:
+    fs, root = storage.filesystem(uri)
+    root = root.rstrip("/")
+    files = [p for p in fs.find(root) if fs.isfile(p)]
+    if not files:
+        raise DistillError(f"HF model directory {uri!r} is empty or does not exist",
+                           "upload the directory written by save_pretrained, or fix `path`")
+    for p in files:
+        target = os.path.join(local, *posixpath.relpath(p, root).split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(p, target)
+
+
+def hf_weights_digest(path: str) -> str:
+    """Digest of every file in a saved model directory (names and contents), 16 hex chars:
+    the teacher's identity in a cache key, as `weights_digest` is for a .pt file."""
+    fs, root = storage.filesystem(path)
+    root = root.rstrip("/")
+    h = hashlib.sha256()
+    for p in sorted(p for p in fs.find(root) if fs.isfile(p)):
+        h.update(posixpath.relpath(p, root).encode() + b"\0" + storage.sha256_of(p, fs).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,40 @@
+"""Which cache stage 2 reads, and everything it checks in the driver before any worker starts."""
+
+from __future__ import annotations
+
+from pipeline import storage
+from pipeline.cache.index import recorded_cache
+from pipeline.cache.manifest import Manifest, read_manifest
+from pipeline.cache.verify import check_files
+from pipeline.config import TrainConfig, load_precompute_config
+from pipeline.errors import DistillError
+from pipeline.student.tasks import Task, task_for
+
+
+def resolve_cache_uri(cfg: TrainConfig) -> str:
+    """The `cache:` URI, or the cache the named precompute config last produced (from stage 1's
+    record under its cache root: no weights are hashed and no data is read here)."""
+    if cfg.cache:
+        return cfg.cache
+    pre = load_precompute_config(cfg.precompute)  # type: ignore[arg-type]
+    storage.configure(**pre.storage.model_dump())
+    cache_id = recorded_cache(pre.cache_root, pre.recipe())
+    if cache_id is None:
+        raise DistillError(f"no cache of precompute config {cfg.precompute} is recorded under {pre.cache_root}",
+                           f"run `distill precompute {cfg.precompute}` first, or set `cache:` to a cache URI")
+    return storage.join(pre.cache_root, cache_id)
+
+
+def open_cache(cfg: TrainConfig, cache_uri: str) -> tuple[Manifest, Task]:
+    """The cache's manifest and the task that trains this student on it, after every check a worker would fail."""
+    manifest = read_manifest(cache_uri)
+    problems = check_files(cache_uri, manifest)
+    if problems:
+        raise DistillError(f"cache {cache_uri} is damaged: {'; '.join(problems[:3])}",
+                           "run `distill cache verify` for details, then recompute with --force")
+    for split in ("train", "val"):
+        if manifest.rows_by_split.get(split, 0) == 0:
+            raise DistillError(f"cache {manifest.cache_id} has no {split} rows", "check the source's split settings")
+    task = task_for(cfg, manifest)
+    task.check()
+    return manifest, task

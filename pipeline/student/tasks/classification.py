@@ -1,0 +1,156 @@
+"""Classification students: images (or any fixed-shape rows) with class labels and full teacher logits,
+plus feature, attention and relational terms against the cache's taps."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.cache.manifest import DatasetRecord, FullLogitsRecord, Manifest, SplitRecord, TeacherRecord
+from pipeline.cache.schema import LABEL, LOGITS, PRIMARY_TEACHER, X
+from pipeline.config import TrainConfig
+from pipeline.errors import DistillError
+from pipeline.models.factory import output_width
+from pipeline.student.divergence import kl_divergence, softened_log_probs
+from pipeline.student.losses import DistillationLoss
+from pipeline.student.model import build_student, loss_inputs
+from pipeline.student.tasks.base import Batch, Task
+
+CALIBRATION_BINS = 10
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    eval_batch_size = 1024
+    result_metrics = ("val_accuracy", "val_agreement", "val_kl", "teacher_val_accuracy")
+
+    def __init__(self, cfg, manifest) -> None:
+        super().__init__(cfg, manifest)
+        self.inputs = loss_inputs(cfg.loss, manifest)  # a term the cache cannot serve fails here, naming it
+        self.loss = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, self.inputs)
+
+    @classmethod
+    def in_memory(cls, cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> "ClassificationTask":
+        """The task for a loop over tensors held in memory (benchmarks, notebooks, tests): as if
+        reading a cache of inputs, labels and the primary teacher's full logits."""
+        manifest = Manifest(
+            cache_id="in-memory", task=cls.name, teachers={PRIMARY_TEACHER: TeacherRecord(factory="in-memory")},
+            dataset=DatasetRecord(kind="in-memory", fingerprint="", split=SplitRecord(val_fraction=0.0, split_seed=0),
+                                  transform="", input_shape=list(input_shape)),
+            outputs=[FullLogitsRecord(teacher=PRIMARY_TEACHER, columns=[LOGITS], dtype="float32", shape=[num_classes])],
+            num_classes=num_classes, input_shape=list(input_shape), rows=0, rows_by_split={},
+            columns={X: "tensor", LABEL: "int64", LOGITS: "tensor"}, shards=[])
+        return cls(cfg, manifest)
+
+    def check(self) -> None:
+        manifest, spec = self.manifest, self.cfg.student
+        missing = sorted(c for c in self.columns() if c not in manifest.columns)
+        if missing:
+            raise DistillError(f"the loss needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
+                               "drop the term or precompute a cache with that output")
+        try:
+            width = output_width(self.build_model().net, tuple(manifest.input_shape))
+        except RuntimeError as e:
+            raise DistillError(f"student {spec.factory} cannot take the cache's inputs of shape {manifest.input_shape}: "
+                               f"{str(e).splitlines()[0]}", "fix the student's kwargs") from None
+        if width != manifest.num_classes:
+            raise DistillError(f"student {spec.factory} predicts {width} classes, the cache has {manifest.num_classes}",
+                               f"build the student with num_classes={manifest.num_classes} (or train on a matching cache)")
+
+    def columns(self) -> list[str]:
+        """Inputs, label, the primary teacher's logits (for evaluation) and what the terms use."""
+        i = self.inputs
+        cols = [X, LABEL, LOGITS, *i.logits, *(c for _, c in i.hint), *(a[1] for a in i.attention)]
+        if i.rkd:
+            cols.append(i.rkd[1])
+        return list(dict.fromkeys(cols))
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {c: torch.int64 if c == LABEL else torch.float32 for c in self.columns()}
+
+    def build_model(self) -> nn.Module:
+        return build_student(self.cfg.student, self.manifest, self.cfg.loss, self.inputs)  # adapters are parameters too
+
+    def model_inputs(self, batch: Batch) -> torch.Tensor:
+        return batch[X]
+
+    def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.loss(output, batch)
+
+    def student(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "net", model)  # the user's network without the hooks and adapters
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        """Accuracy, top-1 agreement with the teacher, mean KL(p_teacher(T) || p_student(T)), and the
+        calibration bins of student and teacher (see calibration_sums)."""
+        return evaluate(model, batches, self.cfg.loss.temperature)
+
+
+def logits_of(output: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A student returns logits, or a dict with "logits" when its layers are tapped."""
+    return output["logits"] if isinstance(output, Mapping) else output
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> dict[str, list[float]]:
+    """Per confidence bin (max softmax at T=1): count, summed confidence, correct. Additive over batches."""
+    conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
+    idx = (conf * bins).long().clamp(max=bins - 1)
+    return {
+        "count": torch.bincount(idx, minlength=bins).tolist(),
+        "confidence_sum": torch.zeros(bins).index_add_(0, idx, conf).tolist(),
+        "correct": torch.zeros(bins).index_add_(0, idx, (pred == labels).float()).tolist(),
+    }
+
+
+def eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              temperature: float) -> dict[str, float]:
+    """Additive statistics of one batch, so shards and batches can be summed before dividing."""
+    t = float(temperature)
+    kl = kl_divergence(softened_log_probs(teacher_logits, t), softened_log_probs(student_logits, t))
+    s_pred, t_pred = student_logits.argmax(-1), teacher_logits.float().argmax(-1)
+    return {
+        "n": float(len(labels)),
+        "correct": float((s_pred == labels).sum()),
+        "teacher_correct": float((t_pred == labels).sum()),
+        "agree": float((s_pred == t_pred).sum()),
+        "kl_sum": float(kl.sum()),
+        "nll_sum": float(F.cross_entropy(student_logits.float(), labels, reduction="sum")),
+    }
+
+
+def finish_eval(sums: Mapping[str, float]) -> dict[str, float]:
+    n = max(sums.get("n", 0.0), 1.0)
+    return {
+        "val_accuracy": sums["correct"] / n,
+        "val_agreement": sums["agree"] / n,
+        "val_kl": sums["kl_sum"] / n,
+        "val_nll": sums["nll_sum"] / n,
+        "teacher_val_accuracy": sums["teacher_correct"] / n,
+        "val_rows": sums["n"],
+    }
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, teacher_column: str = LOGITS) -> dict[str, Any]:
+    model.eval()
+    total: dict[str, float] = {}
+    calib: dict[str, dict[str, list[float]]] = {}
+    for batch in batches:
+        logits = logits_of(model(batch[X]))
+        for k, v in eval_sums(logits, batch[teacher_column], batch[LABEL], temperature).items():
+            total[k] = total.get(k, 0.0) + v
+        for who, z in (("student", logits), ("teacher", batch[teacher_column])):
+            sums = calibration_sums(z, batch[LABEL])
+            prev = calib.setdefault(who, {k: [0.0] * CALIBRATION_BINS for k in sums})
+            for k, v in sums.items():
+                prev[k] = [a + b for a, b in zip(prev[k], v)]
+    if not total:
+        return {"val_accuracy": math.nan, "val_agreement": math.nan, "val_kl": math.nan, "val_nll": math.nan,
+                "teacher_val_accuracy": math.nan, "val_rows": 0.0}
+    return {**finish_eval(total),
+            "calibration": {"edges": [i / CALIBRATION_BINS for i in range(CALIBRATION_BINS + 1)], **calib}}

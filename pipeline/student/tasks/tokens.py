@@ -1,0 +1,161 @@
+"""Token students (language models) over a text cache: the loss from the cache's mode (full logits,
+top-k buckets, sampled draws or teacher sequences), evaluated in perplexity and top-1 agreement."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.cache.manifest import FullLogitsRecord, SampledRecord, SequencesRecord, TopkRecord
+from pipeline.cache.schema import (
+    INPUT_IDS,
+    LENGTH,
+    LOGITS,
+    SAMPLED_INDICES,
+    SAMPLED_WEIGHTS,
+    TEACHER_SEQUENCE,
+    TOPK_INDICES,
+    TOPK_LSE,
+    TOPK_VALUES,
+)
+from pipeline.errors import DistillError
+from pipeline.models.factory import build_model, output_width
+from pipeline.student.tasks.base import Batch, Task
+from pipeline.student.token_losses import (
+    full_kd_loss,
+    lm_eval_sums,
+    sampled_kd_loss,
+    token_ce_loss,
+    topk_kd_loss,
+    topk_uniform_tail_kd_loss,
+)
+
+_INT_COLUMNS = {INPUT_IDS, LENGTH, TOPK_INDICES, SAMPLED_INDICES, TEACHER_SEQUENCE}
+
+
+class TokenTask(Task):
+    """sum_i w_i term_i per token, masked: `kd` is the cache mode's estimator of T^2 KL(p_T || q_T)
+    (exact over k+1 buckets for top-k), `ce` next-token cross-entropy (on the teacher's
+    continuations for a sequences cache)."""
+
+    name = "tokens"
+    eval_batch_size = 64
+
+    def __init__(self, cfg, manifest) -> None:
+        super().__init__(cfg, manifest)
+        self.signal = manifest.logits()
+        loss = cfg.loss
+        self.terms = {n: float(w) for n, w in loss.terms.items() if w > 0}
+        self.temperature = float(loss.temperature)
+        temps = getattr(self.signal, "temperatures", None) or [self.temperature]
+        self.lse_index = min(range(len(temps)), key=lambda i: abs(temps[i] - self.temperature))
+        self.topk_loss = topk_uniform_tail_kd_loss if loss.topk_tail == "uniform" else topk_kd_loss
+        # What the cache knows of the teacher's argmax: agreement is reported only where it can be.
+        self.result_metrics = ("val_perplexity", "val_accuracy", "val_nll",
+                               *(("val_agreement",) if isinstance(self.signal, (TopkRecord, FullLogitsRecord)) else ()))
+
+    def check(self) -> None:
+        """What a token cache can serve, and a student that reads its windows and vocabulary."""
+        manifest, loss, signal = self.manifest, self.cfg.loss, self.signal
+        extra = sorted(t for t in self.terms if t not in ("kd", "ce"))
+        if extra:
+            raise DistillError(f"loss term(s) {extra} need image taps; a token cache serves `kd` and `ce`",
+                               "use terms {kd: ..., ce: ...}")
+        if "kd" in self.terms:
+            if isinstance(signal, SequencesRecord):
+                raise DistillError(f"cache {manifest.cache_id} holds teacher sequences (sequence-level KD), not logits",
+                                   "train on it with terms {ce: 1.0}; the targets are the teacher's continuations")
+            temps = getattr(signal, "temperatures", None)
+            if isinstance(signal, (TopkRecord, SampledRecord)) and not any(math.isclose(loss.temperature, t) for t in temps):
+                raise DistillError(f"the {signal.mode} cache {manifest.cache_id} serves temperatures {temps}, not {loss.temperature}",
+                                   f"set loss.temperature to one of {temps}, or precompute with it in outputs.logits.temperatures")
+        spec = self.cfg.student
+        try:
+            width = output_width(self.build_model(), tuple(manifest.input_shape))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise DistillError(f"student {spec.factory} cannot read the cache's windows of {manifest.input_shape[0]} tokens: "
+                               f"{str(e).splitlines()[0]}", "fix the student's kwargs (max_len, vocabulary)") from None
+        if width != manifest.num_classes:
+            tokenizer = manifest.dataset.tokenizer.digest if manifest.dataset.tokenizer else None
+            raise DistillError(f"student {spec.factory} has a vocabulary of {width}, cache {manifest.cache_id} of "
+                               f"{manifest.num_classes} (tokenizer {tokenizer})",
+                               f"build the student with num_classes={manifest.num_classes}, the cache's tokenizer.json")
+
+    def columns(self) -> list[str]:
+        return [INPUT_IDS, LENGTH, *self.signal.columns]
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {c: torch.int64 if c in _INT_COLUMNS else torch.float32 for c in self.columns()}
+
+    def build_model(self) -> nn.Module:
+        m = self.manifest
+        return build_model(self.cfg.student, input_shape=tuple(m.input_shape), num_classes=m.num_classes)
+
+    def sequence(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, L + 1), mask (B, L) of the targets that count) of the training sequences."""
+        if isinstance(self.signal, SequencesRecord):
+            seq = batch[TEACHER_SEQUENCE]
+            prompt = self.signal.prompt_tokens
+            pos = torch.arange(seq.shape[1] - 1, device=seq.device)[None, :]
+            # Targets are the generated tokens; rows whose prompt was padding are skipped.
+            mask = (pos >= prompt - 1) & (batch[LENGTH][:, None] >= prompt + 1)
+            return seq, mask
+        return lm_targets(batch)
+
+    def model_inputs(self, batch: Batch) -> torch.Tensor:
+        return self.sequence(batch)[0][:, :-1]
+
+    def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        logits, signal = output, self.signal
+        ids, mask = self.sequence(batch)
+        parts: dict[str, torch.Tensor] = {}
+        if "ce" in self.terms:
+            parts["ce"] = token_ce_loss(logits, ids[:, 1:], mask)
+        if "kd" in self.terms:
+            t = self.temperature
+            if isinstance(signal, TopkRecord):
+                step = signal.step if signal.values == "uint8" else None
+                parts["kd"] = self.topk_loss(logits, batch[TOPK_INDICES], batch[TOPK_VALUES], batch[TOPK_LSE][..., self.lse_index],
+                                             mask, t, quantised_step=step)
+            elif isinstance(signal, SampledRecord):
+                parts["kd"] = sampled_kd_loss(logits, batch[SAMPLED_INDICES], batch[SAMPLED_WEIGHTS], mask, t)
+            else:
+                parts["kd"] = full_kd_loss(logits, batch[LOGITS], mask, t)
+        total = sum(self.terms[n] * parts[n] for n in self.terms)
+        return {"loss": total, **parts}  # type: ignore[dict-item]
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+        """Perplexity and next-token accuracy on the real text; top-1 agreement with the teacher where
+        the cache knows the teacher's argmax (full and top-k caches)."""
+        model.eval()
+        total: dict[str, float] = {}
+        for batch in batches:
+            ids, mask = lm_targets(batch)
+            logits = model(ids[:, :-1])
+            if isinstance(self.signal, TopkRecord):
+                top1 = batch[TOPK_INDICES][..., 0]
+            elif isinstance(self.signal, FullLogitsRecord):
+                top1 = batch[LOGITS].argmax(-1)
+            else:
+                top1 = torch.full_like(ids[:, 1:], -1)
+            for k, v in lm_eval_sums(logits, ids[:, 1:], mask, top1).items():
+                total[k] = total.get(k, 0.0) + v
+        tokens = max(total.get("tokens", 0.0), 1.0)
+        nll = total.get("nll_sum", math.nan) / tokens
+        out = {"val_perplexity": math.exp(nll) if nll == nll else math.nan, "val_nll": nll,
+               "val_accuracy": total.get("correct", math.nan) / tokens,  # next-token accuracy
+               "val_tokens": total.get("tokens", 0.0)}
+        if "val_agreement" in self.result_metrics:
+            out["val_agreement"] = total.get("agree", math.nan) / tokens
+        return out
+
+
+def lm_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real text: ids (B, L + 1) and the mask of real targets, t < length - 1."""
+    ids = batch[INPUT_IDS]
+    pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :]
+    return ids, pos < batch[LENGTH][:, None] - 1

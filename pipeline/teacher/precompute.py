@@ -1,0 +1,170 @@
+"""Stage 1: find the cache a precompute config produces, or run the teacher once and publish it.
+
+Under the cache's lock: source rows staged as Parquet -> read -> actor pool running the teachers
+-> Parquet shards, checkpointed by sample_id so an interrupted run resumes -> publish (checksums,
+manifest written last).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.cache.index import record_cache
+from pipeline.cache.lock import CacheLock
+from pipeline.cache.manifest import Manifest, PrecomputeStats, manifest_uri, read_manifest
+from pipeline.cache.schema import LOGITS, SHARDS_DIR, SPLIT, X
+from pipeline.config import PrecomputeConfig
+from pipeline.errors import DistillError
+from pipeline.models.factory import resolve_factory
+from pipeline.progress import every, progress_line
+from pipeline.runtime import actor_nodes, ensure_ray, map_worker_class_name, root_cause
+from pipeline.teacher.identity import CacheTarget, resolve_target
+from pipeline.teacher.predictor import TeacherPredictor
+from pipeline.teacher.publish import publish
+from pipeline.teacher.resume import checkpointing, clear_attempts, committed_rows
+from pipeline.teacher.staging import stage_source
+from pipeline.teacher.writer import ShardNames
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class PrecomputeResult:
+    uri: str
+    hit: bool
+    rows_computed: int  # rows the teacher ran on in this call (0 on a cache hit)
+    manifest: Manifest
+
+
+def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str | None = None,
+                   log: Log = print) -> PrecomputeResult:
+    """Compute (or find) the cache for `cfg`. A second call with the same content inputs does no teacher work."""
+    for teacher in cfg.all_teachers.values():  # fail on a typo before hashing weights or starting Ray
+        resolve_factory(teacher.factory)
+    storage.configure(**cfg.storage.model_dump())
+    storage.check_reachable(cfg.cache_root, "cache root")
+    target = resolve_target(cfg)
+    if not force and storage.exists(manifest_uri(target.uri)):
+        log(f"cache hit: {target.uri}")
+        return _hit(cfg, target)
+    _check_taps(cfg, target)
+    for name, teacher in cfg.all_teachers.items():
+        if teacher.weights is None:
+            log(f"warning: teacher {name!r} has no `weights`; its outputs come from random initialisation")
+    lock = CacheLock(target.uri)
+    try:
+        if not lock.acquire_unless(lambda: not force and storage.exists(manifest_uri(target.uri)), log):
+            log(f"cache hit: {target.uri} (published by another run while this one waited)")
+            return _hit(cfg, target)
+        try:
+            if not force and storage.exists(manifest_uri(target.uri)):
+                log(f"cache hit: {target.uri} (published by another run while this one waited)")
+                return _hit(cfg, target)
+            return _compute(cfg, target, force=force, address=address, log=log)
+        finally:
+            lock.release()
+    except (PermissionError, OSError) as e:  # a permanent storage error that outlived the retries
+        raise DistillError(f"storage error while writing {target.uri}: {type(e).__name__}: {e}",
+                           "check the bucket's permissions and health; nothing was published, "
+                           "run again to resume") from None
+
+
+def _hit(cfg: PrecomputeConfig, target: CacheTarget) -> PrecomputeResult:
+    record_cache(cfg.cache_root, cfg.recipe(), target.cache_id)  # caches published before the record existed get one
+    return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
+
+
+def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address: str | None, log: Log) -> PrecomputeResult:
+    """The teacher pass, under the cache's lock."""
+    rows_total = sum(target.source.rows.values())
+    if force:
+        clear_attempts(target.uri)
+    ensure_ray(address)
+
+    import ray
+
+    # An earlier attempt that did not finish left committed rows and a checkpoint: resume it.
+    skipped = committed_rows(target.uri)
+    if skipped:
+        log(f"resuming {target.uri}: {skipped} of {rows_total} rows are already done")
+    else:
+        log(f"cache miss: computing {target.uri} ({rows_total} rows)")
+    source_uri, source_files = stage_source(cfg, target.rows, target.uri)
+    fs, shards_path = storage.arrow_filesystem(storage.join(target.uri, SHARDS_DIR))
+    src_fs, src_path = storage.arrow_filesystem(source_uri)
+    started = time.time()
+    todo = rows_total - skipped
+
+    def report() -> None:  # rows committed (what a restart would keep), rows/s and ETA; also in `ray job logs`
+        done = max(0, committed_rows(target.uri) - skipped)
+        log(progress_line("precompute", min(done, todo), todo, time.time() - started))
+
+    with checkpointing(target.uri):
+        ds = ray.data.read_parquet(src_path, filesystem=src_fs, override_num_blocks=max(source_files, 1)).map_batches(
+            TeacherPredictor,
+            fn_constructor_kwargs=_predictor_kwargs(cfg, target),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            resources=cfg.actor_resources or None,
+        )
+        try:
+            with every(5.0, report):  # one pass over all rows; the split becomes the directory (shards/split=train/...)
+                ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
+                                 max_rows_per_file=cfg.rows_per_shard)
+        except Exception as e:
+            raise DistillError(f"the teacher stage failed: {root_cause(e)}",
+                               "see the Ray logs above; nothing was published, run again to resume") from None
+    wall = time.time() - started
+    stats = PrecomputeStats(wall_s=round(wall, 3), rows_per_s=round(todo / max(wall, 1e-9), 1),
+                            devices="cuda" if cfg.gpus_per_actor > 0 else "cpu", num_actors=cfg.num_actors,
+                            ray_job_id=ray.get_runtime_context().get_job_id(),
+                            teacher_nodes=actor_nodes(map_worker_class_name(TeacherPredictor)),
+                            rows_computed=todo, rows_resumed=skipped, fraction_computed=round(todo / max(rows_total, 1), 4))
+    manifest = publish(cfg, target, stats)
+    storage.remove_tree(source_uri)
+    log(f"wrote {manifest.rows} rows in {len(manifest.shards)} shards ({manifest.bytes / 1e6:.1f} MB) "
+        f"in {wall:.1f}s, {todo / max(wall, 1e-9):.0f} rows/s: {target.uri}")
+    return PrecomputeResult(uri=target.uri, hit=False, rows_computed=todo, manifest=manifest)
+
+
+def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
+    return {
+        "teachers": {name: t.model_dump(exclude={"fit"}) for name, t in cfg.all_teachers.items()},
+        "input_shape": target.source.input_shape,
+        "num_classes": target.source.num_classes,
+        "taps": [t.model_dump() for t in cfg.outputs.taps],
+        "logits_spec": cfg.outputs.logits.model_dump(),
+        "use_gpu": cfg.gpus_per_actor > 0,
+        "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
+        "storage_options": storage.options(),
+    }
+
+
+def _check_taps(cfg: PrecomputeConfig, target: CacheTarget) -> None:
+    """Unknown tap modules fail in the driver, listing the names, before any actor starts."""
+    if not cfg.outputs.taps:
+        return
+    from pipeline.models.factory import build_model
+    from pipeline.models.taps import find_modules
+
+    for name, teacher in cfg.all_teachers.items():
+        modules = [t.module for t in cfg.outputs.taps if t.teacher == name]
+        if modules:
+            model = build_model(teacher, input_shape=target.source.input_shape, num_classes=target.source.num_classes,
+                                load_weights=False)
+            find_modules(model, modules, owner=f"teacher {name!r} ({teacher.factory})")
+
+
+def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:
+    """The teacher's float32 logits on `x`, in this process (for checks and tests, not the pipeline)."""
+    target = resolve_target(cfg)
+    kwargs = _predictor_kwargs(cfg, target) | {"logits_spec": {"mode": "full", "dtype": "float32"}, "taps": []}
+    return TeacherPredictor(**kwargs)({X: x})[LOGITS]

@@ -1,0 +1,59 @@
+"""The source's rows staged as Parquet beside the cache, so stage 1's Ray Data plan starts with a
+Read (Ray Data checkpoints only such plans, which is what makes a precompute resumable)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.cache.schema import SAMPLE_ID, SOURCE_DIR, SPLIT
+from pipeline.config import PrecomputeConfig
+from pipeline.data.sources import SPLITS, RowSource
+
+
+def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tuple[str, int]:
+    """Stage all source rows (standard columns plus `split`) once; returns (uri, number of files).
+
+    A streamed source (a user's table) is standardised by Ray Data tasks; an in-memory one is
+    written split by split, in several files, so more than one teacher actor has work, progress
+    is visible and a resumed run loses at most a file's worth of rows.
+    """
+    import ray
+
+    uri = storage.join(cache_uri, SOURCE_DIR)
+    marker = storage.join(uri, "_SUCCESS")
+    fs, path = storage.arrow_filesystem(uri)
+    if not storage.exists(marker):
+        storage.remove_tree(uri)
+        if rows.streams:
+            src_fs, src_path = storage.arrow_filesystem(cfg.source.uri)
+            ray.data.read_parquet(src_path, filesystem=src_fs).map_batches(
+                rows.standardize, batch_format="numpy").write_parquet(path, filesystem=fs)
+        else:
+            fs.create_dir(path)
+            for split in SPLITS:
+                cols = rows.load_split(split)
+                n = len(cols[SAMPLE_ID])
+                step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
+                for i in range(0, n, step):
+                    part = {name: arrow_column(values[i:i + step]) for name, values in cols.items()}
+                    part[SPLIT] = pa.array([split] * len(part[SAMPLE_ID]), pa.string())
+                    pq.write_table(pa.table(part), f"{path}/{split}-{i // step:05d}.parquet", filesystem=fs)
+        storage.write_bytes_atomic(marker, b"")
+    listing_fs, listing_path = storage.filesystem(uri)
+    return uri, len([p for p in listing_fs.find(listing_path) if p.endswith(".parquet")])
+
+
+def arrow_column(values: np.ndarray):
+    """Ids as strings, per-row arrays as Ray's tensor columns, scalars as they are."""
+    from ray.data.extensions import ArrowTensorArray
+
+    if values.dtype == object:
+        return pa.array(values.tolist(), pa.string())
+    if values.ndim > 1:
+        return ArrowTensorArray.from_numpy(values)
+    return pa.array(values)

@@ -1,4 +1,4 @@
-"""`make methods`: every distillation method trained from one cache, 3 seeds each (issue 5).
+"""`make methods`: every distillation method trained from one cache, 3 seeds each.
 
 Fits the two CNN teachers if their weights are missing, precomputes one cache with both
 teachers' logits and the feature, attention and embedding taps, trains the small CNN student

@@ -119,11 +119,13 @@ def quiet_data_context():
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def quiet_train_reports() -> None:
+def quiet_train_worker() -> None:
     """In a Train worker: Ray Train V2 logs every `report()` with its whole metrics dict at INFO
-    (calibration bins included); our epoch line says it in one line."""
+    (calibration bins included), and Ray Data a line per epoch's dataset execution; our epoch line
+    says it in one line."""
     if verbose():
         return
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # checked by the test of RAY_INTERNALS

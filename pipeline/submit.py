@@ -65,22 +65,6 @@ class SubmittedJob:
     name: str
 
 
-def _absolute_local_paths(cfg: PrecomputeConfig | TrainConfig) -> PrecomputeConfig | TrainConfig:
-    """A job runs in a temporary copy of the project, so relative local paths would land there."""
-    def fix(uri: str | None) -> str | None:
-        return storage.local_path(uri) if uri and storage.is_local(uri) else uri
-
-    if isinstance(cfg, PrecomputeConfig):
-        return cfg.model_copy(update={
-            "cache_root": fix(cfg.cache_root),
-            "teacher": cfg.teacher.model_copy(update={"weights": fix(cfg.teacher.weights)}),
-            "teachers": {n: t.model_copy(update={"weights": fix(t.weights)}) for n, t in cfg.teachers.items()},
-            "source": cfg.source.model_copy(update={"uri": fix(cfg.source.uri)}),
-        })
-    return cfg.model_copy(update={"cache": fix(cfg.cache), "storage_path": fix(cfg.storage_path),
-                                  "student": cfg.student.model_copy(update={"weights": fix(cfg.student.weights)})})
-
-
 def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig, *, force: bool = False,
                  working_dir: str | None = None, log: Callable[[str], None] = print) -> SubmittedJob:
     """Submit one stage with its resolved config; returns at once with the job id.
@@ -93,7 +77,7 @@ def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig, *, for
 
         storage.configure(**cfg.storage.model_dump())
         cfg = cfg.model_copy(update={"cache": resolve_cache_uri(cfg), "precompute": None})
-    cfg = _absolute_local_paths(cfg)
+    cfg = cfg.with_absolute_paths()  # the job runs in a copy of the working directory
     name = cfg.name if isinstance(cfg, TrainConfig) and cfg.name else stage
     job_id = f"distill-{stage}-{name}-{uuid.uuid4().hex[:6]}".replace("_", "-")
     entrypoint = f"{job_python()} -m {STAGE_MODULES[stage]}" + (" --force" if force else "")
@@ -158,6 +142,7 @@ def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *,
     """The teacher job only when the cache is missing, then every student job on that one cache."""
     from pipeline.teacher.identity import resolve_target
 
+    pre = pre.with_absolute_paths()  # as the job will see it, so both compute the same cache id
     storage.configure(**pre.storage.model_dump())
     storage.check_reachable(pre.cache_root, "cache root")
     target = resolve_target(pre)

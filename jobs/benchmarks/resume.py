@@ -23,7 +23,8 @@ from pipeline.config import load_precompute_config
 from pipeline.models.builtin import heavy_cnn
 from pipeline.models.factory import save_state
 from pipeline.runtime import ensure_ray
-from pipeline.teacher.precompute import committed_rows, run_precompute
+from pipeline.teacher.precompute import run_precompute
+from pipeline.teacher.resume import committed_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_precompute(cfg)
     stats = result.manifest.stats
     report = {
-        "rows": total, "committed_at_kill": at_kill, "rows_recomputed_on_resume": stats["rows_computed"],
-        "fraction_computed_on_resume": stats["fraction_computed"],
-        "committed_rows_computed_again": at_kill + stats["rows_computed"] - total, "resume_wall_s": round(time.time() - started, 1),
+        "rows": total, "committed_at_kill": at_kill, "rows_recomputed_on_resume": stats.rows_computed,
+        "fraction_computed_on_resume": stats.fraction_computed,
+        "committed_rows_computed_again": at_kill + stats.rows_computed - total, "resume_wall_s": round(time.time() - started, 1),
         "command": "make bench-resume",
     }
     with open(os.path.join(args.out, "resume.json"), "w") as f:

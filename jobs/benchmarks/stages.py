@@ -221,7 +221,7 @@ def stage1(work: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         wall = time.perf_counter() - started
         rows = result.manifest.rows
         runs.append({"actors": actors, "rows": rows, "wall_s": wall, "rows_per_s": rows / wall,
-                     "ray_data_wall_s": result.manifest.stats["wall_s"],
+                     "ray_data_wall_s": result.manifest.stats.wall_s,
                      "fixed_s": wall - rows / bare / actors})  # what the bare rate does not explain
     one, two = runs
     return {"teacher": teacher, "flops_per_sample": flops_per_sample(model_of(teacher)), "batch_size": args.batch_size,

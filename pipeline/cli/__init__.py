@@ -1,4 +1,5 @@
-"""The `distill` command. User errors print one line and exit 2; a failed stage exits 1.
+"""The `distill` command. A user error or a failed stage prints one line and exits 2; `submit --wait`
+exits 1 when a job failed.
 
 Subcommands live by group: `stages` (validate, fit-teacher, precompute, train, report), `cache`
 and `jobs` (submit, jobs).
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The current directory is importable (after installed packages): `factory: my_models:student` finds
+    # ./my_models.py (a local Ray's workers get the driver's directory on their path from Ray itself).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     func: Callable[[argparse.Namespace], int] = args.func

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline import storage
 from pipeline.cache.schema import PRIMARY_TEACHER  # its logits column is `teacher_logits`
 
-__all__ = ["PRIMARY_TEACHER", "NAME_PATTERN", "Strict", "StorageOptions", "JobOptions", "ModelSpec"]
+__all__ = ["PRIMARY_TEACHER", "NAME_PATTERN", "Strict", "StorageOptions", "JobOptions", "ModelSpec", "absolute"]
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
@@ -52,3 +53,8 @@ class ModelSpec(Strict):
         if not sep or not module or not func:
             raise ValueError(f"must look like `package.module:function`, got {v!r}")
         return v
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute against the current directory; URIs (s3://...) and None as they are."""
+    return storage.local_path(uri) if uri and storage.is_local(uri) else uri

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import NAME_PATTERN, PRIMARY_TEACHER, JobOptions, ModelSpec, StorageOptions, Strict
-from pipeline.config.source import Source, TextSource
+from pipeline.config.base import NAME_PATTERN, PRIMARY_TEACHER, JobOptions, ModelSpec, StorageOptions, Strict, absolute
+from pipeline.config.source import ParquetSource, Source, TextSource
 
 
 class FitConfig(Strict):
@@ -167,8 +167,25 @@ class PrecomputeConfig(Strict):
     def all_teachers(self) -> dict[str, TeacherConfig]:
         return {PRIMARY_TEACHER: self.teacher, **self.teachers}
 
+    def with_absolute_paths(self) -> "PrecomputeConfig":
+        """The same config with every local path made absolute (against the current directory): what
+        a job on the cluster, which runs in a copy of the working directory, must be given."""
+        source = self.source
+        if isinstance(source, (ParquetSource, TextSource)) and source.uri:
+            source = source.model_copy(update={"uri": absolute(source.uri)})
+        if isinstance(source, TextSource):
+            source = source.model_copy(update={
+                "files": [absolute(f) for f in source.files] if source.files else source.files,
+                "tokenizer": source.tokenizer.model_copy(update={"uri": absolute(source.tokenizer.uri)})})
+        return self.model_copy(update={
+            "source": source, "cache_root": absolute(self.cache_root),
+            "teacher": self.teacher.model_copy(update={"weights": absolute(self.teacher.weights)}),
+            "teachers": {n: t.model_copy(update={"weights": absolute(t.weights)}) for n, t in self.teachers.items()},
+        })
+
     def recipe(self) -> dict[str, Any]:
-        """What this config asks the cache to hold, as written (no weights hashed, no data read):
+        """What this config asks the cache to hold, with local paths absolute and nothing hashed or read:
         how stage 2 finds the cache a precompute config produced (see pipeline.cache.index)."""
-        return self.model_dump(mode="json", include={"source", "outputs"}) | {
-            "teachers": {name: t.model_dump(mode="json", exclude={"fit"}) for name, t in self.all_teachers.items()}}
+        cfg = self.with_absolute_paths()
+        return cfg.model_dump(mode="json", include={"source", "outputs"}) | {
+            "teachers": {name: t.model_dump(mode="json", exclude={"fit"}) for name, t in cfg.all_teachers.items()}}

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.base import JobOptions, ModelSpec, StorageOptions, Strict
+from pipeline.config.base import JobOptions, ModelSpec, StorageOptions, Strict, absolute
 
 # Loss terms the student stage knows; each maps to a function in pipeline/student/losses.py.
 KNOWN_LOSS_TERMS = ("kd", "ce", "deit_hard", "hint", "attention", "rkd")
@@ -105,6 +105,12 @@ class TrainConfig(Strict):
         if self.batch_size < self.num_workers:
             raise ValueError("`batch_size` is global and must be at least `num_workers`")
         return self
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The same config with every local path made absolute (see PrecomputeConfig.with_absolute_paths)."""
+        return self.model_copy(update={"cache": absolute(self.cache), "precompute": absolute(self.precompute),
+                                       "storage_path": absolute(self.storage_path),
+                                       "student": self.student.model_copy(update={"weights": absolute(self.student.weights)})})
 
     @property
     def alpha(self) -> float:

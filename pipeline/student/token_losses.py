@@ -31,7 +31,7 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, per_token * m, torch.zeros_like(per_token)).sum() / m.sum().clamp_min(1)
 
 
-def _keep(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def keep_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x with every masked-out position replaced by 0 (x is (B, L) or (B, L, ...))."""
     keep = mask.bool().reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
     return torch.where(keep, x, torch.zeros_like(x))
@@ -132,9 +132,9 @@ def _cached_buckets(student_logits: torch.Tensor, indices: torch.Tensor, values:
                     mask: torch.Tensor, temperature: float, quantised_step: float | None):
     """Top-k cache columns with padded positions cleaned, and the teacher's (B, L, k + 1) bucket log-probs."""
     vocab = student_logits.shape[-1]
-    indices = _keep(indices.long(), mask).clamp(0, vocab - 1)
-    values = _keep(values, mask)
-    lse = _keep(lse.to(_compute_dtype(student_logits)), mask)
+    indices = keep_masked(indices.long(), mask).clamp(0, vocab - 1)
+    values = keep_masked(values, mask)
+    lse = keep_masked(lse.to(_compute_dtype(student_logits)), mask)
     return indices, values, teacher_buckets(values, lse, temperature, quantised_step, vocab_size=vocab)
 
 
@@ -199,8 +199,8 @@ def sampled_kd_loss(
     """
     vocab = student_logits.shape[-1]
     dtype = _compute_dtype(student_logits)
-    indices = _keep(indices.long(), mask).clamp(0, vocab - 1)
-    w = _keep(weights.to(dtype), mask)
+    indices = keep_masked(indices.long(), mask).clamp(0, vocab - 1)
+    w = keep_masked(weights.to(dtype), mask)
     w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t = float(temperature)
     log_q = softened_log_probs(student_logits, t, dtype).gather(-1, indices)
@@ -218,7 +218,7 @@ def full_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     """
     dtype = _compute_dtype(student_logits)
     t = float(temperature)
-    kl = kl_divergence(softened_log_probs(_keep(teacher_logits, mask), t, dtype), softened_log_probs(student_logits, t, dtype))
+    kl = kl_divergence(softened_log_probs(keep_masked(teacher_logits, mask), t, dtype), softened_log_probs(student_logits, t, dtype))
     return (t * t) * _masked_mean(kl, mask)
 
 
@@ -231,44 +231,9 @@ def token_ce_loss(student_logits: torch.Tensor, targets: torch.Tensor, mask: tor
         mask: (B, L) target positions that count.
     """
     dtype = _compute_dtype(student_logits)
-    targets = _keep(targets.long(), mask).clamp(0, student_logits.shape[-1] - 1)
+    targets = keep_masked(targets.long(), mask).clamp(0, student_logits.shape[-1] - 1)
     nll = -F.log_softmax(student_logits.to(dtype), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return _masked_mean(nll, mask)
-
-
-@torch.no_grad()
-def lm_eval_sums(
-    student_logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    teacher_top1: torch.Tensor,
-) -> dict[str, float]:
-    """Additive evaluation sums over the masked tokens of a batch.
-
-    Sums, not means, so batches and workers combine by addition: perplexity is
-    exp(nll_sum / tokens), accuracy correct / tokens, teacher agreement agree / tokens.
-
-    Args:
-        student_logits: (B, L, V) raw student logits.
-        targets: (B, L) long next tokens.
-        mask: (B, L) target positions that count.
-        teacher_top1: (B, L) long teacher argmax (TOPK_INDICES[..., 0] of a top-k cache).
-
-    Returns:
-        {"tokens", "nll_sum", "agree", "correct"} as Python floats.
-    """
-    keep = mask.bool()
-    vocab = student_logits.shape[-1]
-    targets = _keep(targets.long(), mask).clamp(0, vocab - 1)
-    log_q = F.log_softmax(student_logits.to(_compute_dtype(student_logits)), dim=-1)
-    nll = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    pred = student_logits.argmax(dim=-1)
-    return {
-        "tokens": float(keep.sum().item()),
-        "nll_sum": float(nll[keep].double().sum().item()),
-        "agree": float((pred == teacher_top1.long())[keep].sum().item()),
-        "correct": float((pred == targets)[keep].sum().item()),
-    }
 
 
 def topk_uniform_tail_kd_loss(

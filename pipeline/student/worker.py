@@ -19,7 +19,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS
 from pipeline.progress import Throttle, progress_line
-from pipeline.runtime import quiet_train_reports
+from pipeline.runtime import quiet_train_worker
 from pipeline.student.datasets import timed
 from pipeline.student.loop import make_optimizer, train_epoch
 from pipeline.student.tasks import Task, task_for
@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    quiet_train_reports()
+    quiet_train_worker()
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -154,7 +154,7 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
     path = _heavy_precompute_yaml(tmp_path)
     uri = resolve_target(load_precompute_config(path)).uri
     proc = _driver(path)
-    from pipeline.teacher.precompute import committed_rows
+    from pipeline.teacher.resume import committed_rows
 
     try:
         # Kill once a first block is committed (a shard file alone may still be uncommitted).
@@ -175,8 +175,8 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
     monkeypatch.setattr("pipeline.cache.lock.STALE_S", 2.0)  # the dead driver's lock goes stale quickly
     result = run_precompute(load_precompute_config(path))
     stats = result.manifest.stats
-    assert 0 < result.rows_computed < 5000 and stats["rows_resumed"] == 5000 - result.rows_computed
-    assert stats["fraction_computed"] < 1.0
+    assert 0 < result.rows_computed < 5000 and stats.rows_resumed == 5000 - result.rows_computed
+    assert stats.fraction_computed < 1.0
     ids = _shard_ids(uri)
     assert len(ids) == len(set(ids)) == 5000  # rows lost 0, rows duplicated 0
     assert verify_cache(uri) == []

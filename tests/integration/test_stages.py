@@ -35,7 +35,7 @@ def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
     ids = [i for t in tables.values() for i in t.column(SAMPLE_ID).to_pylist()]
     assert len(ids) == len(set(ids)) == 1797
     assert verify_cache(uri) == []
-    assert m.columns[LOGITS] and m.outputs["logits"]["dtype"] == "float16"
+    assert m.columns[LOGITS] and m.logits().dtype == "float16"
     # Stored logits equal the teacher's own forward pass, recomputed here, within float16 tolerance.
     from pipeline.teacher.precompute import teacher_logits_for
 
@@ -102,7 +102,7 @@ def test_float32_logits_on_request_make_another_cache(digits_stage1):
     result = run_precompute(cfg)
     assert result.uri != resolve_target(digits_stage1["config"]).uri
     m, tables = _read_cache(result.uri)
-    assert m.outputs["logits"]["dtype"] == "float32"
+    assert m.logits().dtype == "float32"
     assert tables["val"].column(LOGITS).combine_chunks().to_numpy().dtype == np.float32
 
 

@@ -48,8 +48,8 @@ def tapped_cache(digits_stage1, tmp_path_factory):
 def test_stored_taps_equal_the_teachers_activations(tapped_cache):
     m = read_manifest(tapped_cache["uri"])
     taps = m.taps()
-    assert {t: taps[t]["shape"] for t in taps} == {"block": [64, 4, 4], "attn": [16], "emb": [128]}
-    assert all(taps[t]["bytes_per_row"] > 0 for t in taps) and set(m.teachers) == {"teacher", "twin"}
+    assert {t: taps[t].shape for t in taps} == {"block": [64, 4, 4], "attn": [16], "emb": [128]}
+    assert all(taps[t].bytes_per_row > 0 for t in taps) and set(m.teachers) == {"teacher", "twin"}
     table = pq.read_table([f"{tapped_cache['uri']}/{e.path}" for e in m.shards_of("val")])
     val = load_split(tapped_cache["config"].source, "val")
     order = {sid: i for i, sid in enumerate(table.column(SAMPLE_ID).to_pylist())}
@@ -103,7 +103,7 @@ def test_every_feature_term_trains_on_two_workers_and_feeds_a_born_again_teacher
     from pipeline.teacher.identity import resolve_target
 
     m = read_manifest(resolve_target(load_precompute_config(gen2)).uri)
-    assert m.teacher["factory"].endswith("cnn_student") and m.rows == 1797
+    assert m.teacher.factory.endswith("cnn_student") and m.rows == 1797
 
 
 def test_a_term_the_cache_cannot_serve_fails_before_any_worker(digits_stage1, tmp_path, capsys):

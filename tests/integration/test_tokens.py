@@ -58,13 +58,13 @@ def test_topk_cache_holds_the_teachers_exact_buckets(lm_teacher):
     cfg = load_precompute_config(lm_teacher["path"])
     uri = resolve_target(cfg).uri
     m, table = _rows(uri)
-    spec = m.outputs["logits"]
-    assert spec["mode"] == "topk" and spec["k"] == 8 and spec["temperatures"] == [1.0, 2.0]
-    assert 0 < spec["bytes_per_token"] < 8 * 2 + 8 + 2 * 4 + 1  # uint16 ids + uint8 values + 2 lse, compressed
+    spec = m.logits()
+    assert spec.mode == "topk" and spec.k == 8 and spec.temperatures == [1.0, 2.0]
+    assert 0 < spec.bytes_per_token < 8 * 2 + 8 + 2 * 4 + 1  # uint16 ids + uint8 values + 2 lse, compressed
     assert m.num_classes == 400 and m.input_shape == [16]
     # The tokenizer travels with the cache and is the one the ids came from.
     tok = load_tokenizer(f"{uri}/{TOKENIZER_FILE}")
-    assert tok.get_vocab_size() == 400 and m.dataset["tokenizer"]["vocab_size"] == 400
+    assert tok.get_vocab_size() == 400 and m.dataset.tokenizer.vocab_size == 400
     val = load_split(cfg.source, "val")
     order = {s: i for i, s in enumerate(table.column(SAMPLE_ID).to_pylist())}
     rows = [order[s] for s in val[SAMPLE_ID]]
@@ -87,9 +87,10 @@ def test_topk_cache_holds_the_teachers_exact_buckets(lm_teacher):
 
 
 def test_students_train_from_topk_and_sampled_caches(lm_teacher, tmp_path):
-    for mode, extra in (("topk", {}), ("sampled", {"temperatures": [1.0]})):
+    # Top-k is the fixture's own cache (a hit); a sampled cache carries only the sampled mode's fields.
+    for mode, logits in (("topk", lm_teacher["data"]["outputs"]["logits"]), ("sampled", {"mode": "sampled", "k": 8, "temperatures": [1.0]})):
         pre = dict(lm_teacher["data"])
-        pre["outputs"] = {"logits": {**lm_teacher["data"]["outputs"]["logits"], "mode": mode, **extra}}
+        pre["outputs"] = {"logits": logits}
         pre_path = write_yaml(tmp_path / f"pre-{mode}.yaml", pre)
         assert main(["precompute", pre_path]) == 0
         train = {"precompute": pre_path, "student": {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
@@ -161,7 +162,7 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     cfg = load_precompute_config(path)
     uri = resolve_target(cfg).uri
     m, table = _rows(uri, "train")
-    assert m.num_classes == 258 and m.teacher["files_sha256"]
+    assert m.num_classes == 258 and m.teacher.files_sha256
     ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:4].astype(np.int64)
     hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
     with torch.inference_mode():

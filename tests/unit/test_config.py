@@ -70,3 +70,31 @@ def test_bad_yaml_names_the_line(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(DistillError, match="bad override"):
         load_train_config("jobs/configs/digits/train-kd.yaml", ["epochs"])
+
+
+@pytest.mark.parametrize("config,override,field", [
+    ("jobs/configs/digits/precompute.yaml", "source.uri=data.parquet", "source.uri"),  # a parquet field on digits
+    ("jobs/configs/digits/precompute.yaml", "source.seq_len=64", "source.seq_len"),  # a text field on digits
+    ("jobs/configs/digits/precompute.yaml", "outputs.logits.k=8", "outputs.logits.k"),  # a top-k field on full logits
+    ("jobs/configs/text/precompute-topk.yaml", "outputs.logits.dtype=float32", "outputs.logits.dtype"),
+    ("jobs/configs/text/precompute-topk.yaml", "outputs.logits.k=0", "outputs.logits.k"),
+    ("jobs/configs/digits/precompute.yaml", "source.kind=parquet", "source.uri"),  # the kind's required field
+    ("jobs/configs/digits/precompute.yaml", "source.kind=csv", "source"),
+])
+def test_each_kind_and_mode_carries_only_its_own_fields(config, override, field):
+    with pytest.raises(DistillError) as e:
+        load_config(config, [override])
+    assert f"field `{field}`" in e.value.problem
+    assert f"--set {field}=" in e.value.fix
+
+
+def test_source_and_logits_classes_follow_their_tags():
+    from pipeline.config import DigitsSource, FullLogits, TextSource, TopkLogits
+
+    digits, text = load_config("jobs/configs/digits/precompute.yaml"), load_config("jobs/configs/text/precompute-topk.yaml")
+    assert isinstance(digits.source, DigitsSource) and isinstance(digits.outputs.logits, FullLogits)
+    assert isinstance(text.source, TextSource) and isinstance(text.outputs.logits, TopkLogits)
+    # No `mode` means full logits, as configs written before the modes existed say.
+    untagged = PrecomputeConfig.model_validate({"source": {"kind": "digits"}, "teacher": {"factory": "m:f"},
+                                                "outputs": {"logits": {"dtype": "float32"}}})
+    assert untagged.outputs.logits == FullLogits(dtype="float32")

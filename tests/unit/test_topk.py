@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.schema import SAMPLED_INDICES, SAMPLED_WEIGHTS, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
+from pipeline.student.tasks.tokens import lm_eval_sums
 from pipeline.student.token_losses import (
     full_kd_loss,
-    lm_eval_sums,
     sampled_kd_loss,
     student_buckets,
     teacher_buckets,

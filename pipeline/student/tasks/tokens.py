@@ -7,6 +7,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.cache.manifest import FullLogitsRecord, SampledRecord, SequencesRecord, TopkRecord
@@ -26,7 +27,7 @@ from pipeline.models.factory import build_model, output_width
 from pipeline.student.tasks.base import Batch, Task
 from pipeline.student.token_losses import (
     full_kd_loss,
-    lm_eval_sums,
+    keep_masked,
     sampled_kd_loss,
     token_ce_loss,
     topk_kd_loss,
@@ -159,3 +160,38 @@ def lm_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     ids = batch[INPUT_IDS]
     pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :]
     return ids, pos < batch[LENGTH][:, None] - 1
+
+
+@torch.no_grad()
+def lm_eval_sums(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_top1: torch.Tensor,
+) -> dict[str, float]:
+    """Additive evaluation sums over the masked tokens of a batch.
+
+    Sums, not means, so batches and workers combine by addition: perplexity is
+    exp(nll_sum / tokens), accuracy correct / tokens, teacher agreement agree / tokens.
+
+    Args:
+        student_logits: (B, L, V) raw student logits.
+        targets: (B, L) long next tokens.
+        mask: (B, L) target positions that count.
+        teacher_top1: (B, L) long teacher argmax (TOPK_INDICES[..., 0] of a top-k cache).
+
+    Returns:
+        {"tokens", "nll_sum", "agree", "correct"} as Python floats.
+    """
+    keep = mask.bool()
+    vocab = student_logits.shape[-1]
+    targets = keep_masked(targets.long(), mask).clamp(0, vocab - 1)
+    log_q = F.log_softmax(student_logits.double() if student_logits.dtype == torch.float64 else student_logits.float(), dim=-1)
+    nll = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    pred = student_logits.argmax(dim=-1)
+    return {
+        "tokens": float(keep.sum().item()),
+        "nll_sum": float(nll[keep].double().sum().item()),
+        "agree": float((pred == teacher_top1.long())[keep].sum().item()),
+        "correct": float((pred == targets)[keep].sum().item()),
+    }

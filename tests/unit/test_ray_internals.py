@@ -1,0 +1,75 @@
+"""What pipeline.runtime relies on that Ray does not publish, checked against the installed Ray
+(no cluster started): an upgrade that moves one of these fails here, loudly, instead of silently
+slowing epochs down or flooding the logs."""
+
+import inspect
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline import runtime
+
+
+def test_every_internal_is_listed_once():
+    assert set(runtime.RAY_INTERNALS) == {runtime.TRAIN_HEALTH_CHECK_ENV, runtime.WORKERS_SOFT_LIMIT_ENV,
+                                         "train report logger", "map worker actor name"}
+
+
+def test_train_health_check_interval_is_still_read_from_that_variable():
+    from ray.train.v2._internal import constants
+
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == runtime.TRAIN_HEALTH_CHECK_ENV
+    assert runtime.JOB_ENV[runtime.TRAIN_HEALTH_CHECK_ENV] == "0.25"
+
+
+def test_workers_soft_limit_is_still_a_raylet_setting():
+    import ray
+
+    raylet = Path(ray.__file__).parent / "_raylet.so"
+    name = runtime.WORKERS_SOFT_LIMIT_ENV.removeprefix("RAY_").encode()
+    with open(raylet, "rb") as f:
+        assert name in f.read(), f"{name!r} is no longer in {raylet}: check Ray's RayConfig and pipeline/runtime.py"
+
+
+def test_train_reports_are_logged_by_the_logger_we_quiet(monkeypatch):
+    from ray.train.v2._internal.execution import context
+
+    assert isinstance(context.logger, logging.Logger)
+    assert "logger.info" in inspect.getsource(context.TrainContext.report) or "logger.info" in inspect.getsource(context)
+    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
+    context.logger.setLevel(logging.NOTSET)
+    runtime.quiet_train_worker()
+    assert context.logger.level == logging.WARNING
+    monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
+    context.logger.setLevel(logging.NOTSET)
+    runtime.quiet_train_worker()
+    assert context.logger.level == logging.NOTSET
+
+
+def test_map_worker_actor_name_is_what_ray_data_gives_the_teacher_actors():
+    from ray.data._internal.execution.operators.actor_pool_map_operator import get_map_worker_cls_name
+
+    class TeacherPredictor:
+        pass
+
+    assert runtime.map_worker_class_name(TeacherPredictor) == get_map_worker_cls_name("MapBatches(TeacherPredictor)")
+
+
+@pytest.mark.parametrize("error,line", [
+    (RuntimeError("ray.exceptions.RayTaskError(DistillError): ...\npipeline.errors.DistillError: weights 'x' do not exist — fix\nmore"),
+     "weights 'x' do not exist — fix"),
+    (RuntimeError("wrapper"), "wrapper"),
+])
+def test_root_cause_finds_our_line_inside_a_ray_error(error, line):
+    assert runtime.root_cause(error) == line
+
+
+def test_root_cause_follows_the_cause_chain():
+    try:
+        try:
+            raise ValueError("inner problem\nthe last line")
+        except ValueError as inner:
+            raise RuntimeError("outer") from inner
+    except RuntimeError as e:
+        assert runtime.root_cause(e) == "the last line"

@@ -27,11 +27,15 @@ TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # Ray keeps at most `num_cpus` idle worker processes (a raylet setting). Ray Train and Ray Data park
 # ~6 helper actors, so with 4 logical CPUs every per-epoch read task started a fresh Python process.
 WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
+# Ray Data's documented logging-config variable; ours keeps its console at ERROR (see the YAML).
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 RAY_INTERNALS = {
     TRAIN_HEALTH_CHECK_ENV: "ray.train.v2._internal.constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR",
     WORKERS_SOFT_LIMIT_ENV: "a RayConfig flag compiled into ray/_raylet.so",
     "train report logger": "ray.train.v2._internal.execution.context.logger (logs every report's metrics at INFO)",
     "map worker actor name": "ray.data._internal.execution.operators.actor_pool_map_operator.get_map_worker_cls_name",
+    RAY_DATA_LOGGING_ENV: "ray_data_logging.yaml names Ray Data's handler and filter classes (ray.data._internal.logging)",
 }
 # What a submitted job's processes need from the submitting side (never credentials).
 JOB_ENV = {TRAIN_HEALTH_CHECK_ENV: "0.25"}
@@ -80,6 +84,8 @@ def ensure_ray(address: str | None = None) -> None:
         cpus = int(os.environ.get("DISTILL_LOCAL_CPUS", max(LOCAL_MIN_CPUS, os.cpu_count() or 1)))
         # Idle workers kept warm (see WORKERS_SOFT_LIMIT_ENV): cut a 1-worker student from ~5,000 to ~900 samples/s.
         os.environ.setdefault(WORKERS_SOFT_LIMIT_ENV, str(max(16, 2 * cpus)))
+        if not verbose():  # every process of the local Ray inherits it: Ray Data's actors log to the file only
+            os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=level)
     configure_data_context()

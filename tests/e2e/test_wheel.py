@@ -108,6 +108,9 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, user_fol
     where = _run([str(py), "-c", "import pipeline; print(pipeline.__file__)"], user_folder, env).stdout.strip()
     assert where.startswith(str(py.parent.parent)) and not where.startswith(str(REPO))
     assert "distill" in _run([str(bin_dir / "distill"), "--help"], user_folder, env).stdout
+    # Package data travels in the wheel too (Ray Data's quiet logging config).
+    _run([str(py), "-c", "import os, pipeline.runtime as r; assert os.path.isfile(r.RAY_DATA_LOGGING), r.RAY_DATA_LOGGING"],
+         user_folder, env)
 
 
 def test_both_stages_as_jobs_from_a_users_folder_and_the_cache_reused(installed, user_folder):

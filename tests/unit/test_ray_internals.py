@@ -13,7 +13,23 @@ from pipeline import runtime
 
 def test_every_internal_is_listed_once():
     assert set(runtime.RAY_INTERNALS) == {runtime.TRAIN_HEALTH_CHECK_ENV, runtime.WORKERS_SOFT_LIMIT_ENV,
-                                         "train report logger", "map worker actor name"}
+                                         "train report logger", "map worker actor name", runtime.RAY_DATA_LOGGING_ENV}
+
+
+def test_our_ray_data_logging_config_loads_with_this_ray(tmp_path):
+    """The YAML names Ray Data's own handler and filter classes; Ray Data still reads the variable."""
+    import importlib
+    import logging.config
+
+    import yaml
+    from ray.data._internal import logging as data_logging
+
+    assert data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME == runtime.RAY_DATA_LOGGING_ENV
+    config = yaml.safe_load(open(runtime.RAY_DATA_LOGGING))
+    for spec in [*config["handlers"].values(), *config["filters"].values()]:
+        module, _, name = (spec.get("class") or spec["()"]).rpartition(".")
+        assert hasattr(importlib.import_module(module), name), spec
+    assert config["handlers"]["console"]["level"] == "ERROR" and config["loggers"]["ray.data"]["level"] == "DEBUG"
 
 
 def test_train_health_check_interval_is_still_read_from_that_variable():

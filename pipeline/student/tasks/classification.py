@@ -28,7 +28,7 @@ class ClassificationTask(Task):
     eval_batch_size = 1024
     result_metrics = ("val_accuracy", "val_agreement", "val_kl", "teacher_val_accuracy")
 
-    def __init__(self, cfg, manifest) -> None:
+    def __init__(self, cfg: TrainConfig, manifest: Manifest) -> None:
         super().__init__(cfg, manifest)
         self.inputs = loss_inputs(cfg.loss, manifest)  # a term the cache cannot serve fails here, naming it
         self.loss = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, self.inputs)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache.manifest import FullLogitsRecord, SampledRecord, SequencesRecord, TopkRecord
+from pipeline.cache.manifest import FullLogitsRecord, Manifest, SampledRecord, SequencesRecord, TopkRecord
 from pipeline.cache.schema import (
     INPUT_IDS,
     LENGTH,
@@ -22,6 +22,7 @@ from pipeline.cache.schema import (
     TOPK_LSE,
     TOPK_VALUES,
 )
+from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, output_width
 from pipeline.student.tasks.base import Batch, Task
@@ -45,7 +46,7 @@ class TokenTask(Task):
     name = "tokens"
     eval_batch_size = 64
 
-    def __init__(self, cfg, manifest) -> None:
+    def __init__(self, cfg: TrainConfig, manifest: Manifest) -> None:
         super().__init__(cfg, manifest)
         self.signal = manifest.logits()
         loss = cfg.loss

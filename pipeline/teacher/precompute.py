@@ -51,7 +51,7 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     target = resolve_target(cfg)
     if not force and storage.exists(manifest_uri(target.uri)):
         log(f"cache hit: {target.uri}")
-        return _hit(cfg, target)
+        return _hit(cfg, target, log)
     _check_taps(cfg, target)
     for name, teacher in cfg.all_teachers.items():
         if teacher.weights is None:
@@ -60,11 +60,11 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     try:
         if not lock.acquire_unless(lambda: not force and storage.exists(manifest_uri(target.uri)), log):
             log(f"cache hit: {target.uri} (published by another run while this one waited)")
-            return _hit(cfg, target)
+            return _hit(cfg, target, log)
         try:
             if not force and storage.exists(manifest_uri(target.uri)):
                 log(f"cache hit: {target.uri} (published by another run while this one waited)")
-                return _hit(cfg, target)
+                return _hit(cfg, target, log)
             return _compute(cfg, target, force=force, address=address, log=log)
         finally:
             lock.release()
@@ -74,8 +74,12 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
                            "run again to resume") from None
 
 
-def _hit(cfg: PrecomputeConfig, target: CacheTarget) -> PrecomputeResult:
-    record_cache(cfg.cache_root, cfg.recipe(), target.cache_id)  # caches published before the record existed get one
+def _hit(cfg: PrecomputeConfig, target: CacheTarget, log: Log) -> PrecomputeResult:
+    try:  # caches published before config records existed get one; a hit must still work on a read-only root
+        record_cache(cfg.cache_root, cfg.recipe(), target.cache_id)
+    except OSError as e:
+        log(f"warning: could not record this config under {cfg.cache_root} ({type(e).__name__}); "
+            f"train configs naming it must use `cache: {target.uri}`")
     return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
 
 

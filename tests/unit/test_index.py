@@ -75,3 +75,31 @@ def test_local_paths_become_absolute_for_jobs_and_records(tmp_path, monkeypatch)
     assert fixed.cache_root == "s3://bucket/cache"  # URIs stay as they are
     spelled = PrecomputeConfig.model_validate({**data, "teacher": {"factory": "m:f", "weights": str(tmp_path / "runs/teacher.pt")}})
     assert spelled.recipe() == cfg.recipe()
+
+
+def test_a_cache_hit_records_its_config_and_still_works_on_a_read_only_root(tiny_cache, tmp_path, monkeypatch):
+    """Caches published before the records existed get one on their next hit; a root the user may
+    only read still gives the hit, with a warning naming the cache URI to use instead."""
+    import pipeline.teacher.precompute as precompute
+    from pipeline.cache.manifest import read_manifest
+    from pipeline.config import PrecomputeConfig
+    from pipeline.data.sources import SourceInfo
+    from pipeline.teacher.identity import CacheTarget
+
+    root = str(tmp_path)
+    cfg = PrecomputeConfig.model_validate({"source": {"kind": "digits"}, "teacher": {"factory": "pipeline.models.builtin:digits_cnn"},
+                                           "cache_root": root})
+    target = CacheTarget(cache_id="cachetest0000000", uri=tiny_cache, identity={}, rows=None,
+                         source=SourceInfo("digits", "f", 10, (1, 8, 8), read_manifest(tiny_cache).rows_by_split))
+    monkeypatch.setattr(precompute, "resolve_target", lambda cfg: target)
+    lines = []
+    assert precompute.run_precompute(cfg, log=lines.append).hit
+    assert recorded_cache(root, cfg.recipe()) == "cachetest0000000" and lines == [f"cache hit: {tiny_cache}"]
+
+    def denied(*args):
+        raise PermissionError("AccessDenied")
+
+    monkeypatch.setattr(precompute, "record_cache", denied)
+    lines.clear()
+    assert precompute.run_precompute(cfg, log=lines.append).hit
+    assert "could not record" in lines[1] and f"cache: {tiny_cache}" in lines[1]

@@ -140,22 +140,38 @@ def check_reachable(uri: str, what: str) -> None:
         return
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    endpoint = _s3_kwargs().get("endpoint_url", "the default AWS endpoint")
     try:
         fs.ls(bucket, refresh=True)
     except FileNotFoundError:
-        raise DistillError(f"bucket {bucket!r} for the {what} ({uri}) does not exist at {endpoint}",
-                           "create the bucket or fix the URI") from None
-    except PermissionError as e:
-        raise DistillError(f"access denied to bucket {bucket!r} for the {what}: {e}",
-                           "check the credentials' permissions (AWS_PROFILE, AWS_ACCESS_KEY_ID)") from None
-    except Exception as e:  # botocore raises its own types; name them without importing botocore
-        kind = type(e).__name__
-        if kind == "NoCredentialsError":
-            raise DistillError(f"no S3 credentials found for the {what} ({uri})",
-                               "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment "
-                               "(never in the config)") from None
-        if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or isinstance(e, OSError):
-            raise DistillError(f"the S3 endpoint {endpoint} does not answer ({kind})",
-                               "check `storage.endpoint_url` or AWS_ENDPOINT_URL") from None
-        raise
+        raise DistillError(f"bucket {bucket!r} for the {what} ({uri}) does not exist at "
+                           f"{_s3_kwargs().get('endpoint_url', 'the default AWS endpoint')}",
+                           "create the bucket, or fix the URI or the endpoint (--endpoint-url, AWS_ENDPOINT_URL)") from None
+    except Exception as e:
+        error = storage_error(e, uri, what)
+        if error is None:
+            raise
+        raise error from None
+
+
+def storage_error(e: BaseException, uri: str, what: str = "location") -> DistillError | None:
+    """The one line for an object-store failure (missing bucket, denied, no credentials, no endpoint),
+    or None when `e` is not one. botocore's exceptions are named, not imported."""
+    if not uri.startswith(_S3_SCHEMES):
+        return None
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    endpoint = _s3_kwargs().get("endpoint_url", "the default AWS endpoint")
+    kind = type(e).__name__
+    if isinstance(e, FileNotFoundError):
+        return DistillError(f"{uri} ({what}) does not exist at {endpoint}",
+                            "check the URI and the endpoint (--endpoint-url, AWS_ENDPOINT_URL or `storage.endpoint_url`)")
+    if isinstance(e, PermissionError) or kind in ("ClientError", "AccessDenied"):
+        return DistillError(f"access denied to bucket {bucket!r} for the {what} at {endpoint}: {str(e).splitlines()[0]}",
+                            "check the credentials and their permissions (AWS_PROFILE, AWS_ACCESS_KEY_ID)")
+    if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        return DistillError(f"no S3 credentials found for the {what} ({uri})",
+                            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment (never in the config)")
+    if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError") \
+            or isinstance(e, (OSError, ConnectionError)):
+        return DistillError(f"the S3 endpoint {endpoint} does not answer ({kind})",
+                            "check --endpoint-url, AWS_ENDPOINT_URL or `storage.endpoint_url`")
+    return None

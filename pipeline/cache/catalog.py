@@ -22,10 +22,11 @@ class CacheEntry:
 
 
 def list_caches(root: str) -> list[CacheEntry]:
-    """Every cache directory under `root`; bookkeeping directories (`_configs`) are not caches."""
+    """Every cache directory under `root`; bookkeeping directories (`_configs`) are not caches. A root
+    that does not exist holds none (on an object store a prefix whose caches were all removed is gone)."""
     fs, path = storage.filesystem(root)
     if not fs.exists(path):
-        raise DistillError(f"cache root {root} does not exist", "check the path, or run `distill precompute` to create it")
+        return []
     entries = []
     for sub in sorted(fs.ls(path, detail=True), key=lambda d: d["name"]):
         cache_id = os.path.basename(sub["name"].rstrip("/"))

@@ -21,12 +21,20 @@ class ShardFacts:
     shapes: dict[str, list[int]]  # per-row shape of each tensor column
 
 
+def register_tensor_types() -> None:
+    """Shards hold Ray Data's tensor columns. pyarrow knows their types only once Ray Data has
+    registered them, which a process that never imported Ray Data has not: there a shard's schema
+    reads as plain lists and differs from the one the manifest recorded."""
+    import ray.data.extensions  # noqa: F401  (registration is the import's side effect)
+
+
 def inspect_shard(uri: str) -> ShardFacts:
     """Rows (from the Parquet footer), size, checksum, column types and bytes of one shard file.
 
     A tensor column is stored as nested leaves (`x.list.element`), so leaves are grouped by the
     part of their path before the first dot.
     """
+    register_tensor_types()
     fs, path = storage.filesystem(uri)
     size = fs.size(path)
     with fs.open(path, "rb") as f:

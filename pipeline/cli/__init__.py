@@ -15,6 +15,7 @@ from typing import Callable
 from pipeline.cli import cache, jobs, stages
 from pipeline.errors import DistillError
 from pipeline.runtime import VERBOSE_ENV
+from pipeline.storage import storage_error
 
 EXIT_USAGE = 2
 
@@ -26,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (stages, jobs, cache):
         group.register(sub)
     return parser
+
+
+def _location(args: argparse.Namespace) -> str:
+    """The URI a command works on, to name it in a storage error."""
+    for name in ("uri", "root", "resume"):
+        if isinstance(getattr(args, name, None), str):
+            return getattr(args, name)
+    return (getattr(args, "run_dirs", None) or [""])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except DistillError as e:
         print(f"error: {e.line()}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # an object store failing mid-command is one line too; anything else is a bug: traceback
+        error = storage_error(e, _location(args))
+        if error is None:
+            raise
+        print(f"error: {error.line()}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

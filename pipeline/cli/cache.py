@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli.options import add_storage_args, configure_storage
+
+
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     from pipeline.cache.catalog import list_caches
 
+    configure_storage(args, args.root, "cache root")
     entries = list_caches(args.root)
     if not entries:
         print(f"no caches under {args.root}")
+        return 0
     print(f"{'cache_id':<18} {'state':<10} {'rows':>8} {'MB':>9}  {'created':<25} teacher")
     for e in entries:
         state = "complete" if e.complete else "INCOMPLETE"
@@ -22,6 +27,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 def cmd_cache_show(args: argparse.Namespace) -> int:
     from pipeline.cache.manifest import TapRecord, read_manifest
 
+    configure_storage(args, args.uri, "cache")
     m = read_manifest(args.uri)
     if args.json:
         print(m.to_json(), end="")
@@ -52,6 +58,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
 def cmd_cache_verify(args: argparse.Namespace) -> int:
     from pipeline.cache.verify import verify_cache
 
+    configure_storage(args, args.uri, "cache")
     problems = verify_cache(args.uri)
     if not problems:
         print(f"ok: {args.uri} is sound")
@@ -65,6 +72,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 def cmd_cache_rm(args: argparse.Namespace) -> int:
     from pipeline.cache.gc import remove_cache
 
+    configure_storage(args, args.uri, "cache")
     remove_cache(args.uri)
     print(f"removed {args.uri}")
     return 0
@@ -73,6 +81,7 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 def cmd_cache_gc(args: argparse.Namespace) -> int:
     from pipeline.cache.gc import collect_garbage, parse_age
 
+    configure_storage(args, args.root, "cache root")
     found = collect_garbage(args.root, parse_age(args.older_than), dry_run=args.dry_run)
     for c in found:
         verb = "removed" if c.removed else ("would remove" if args.dry_run and c.age_s > parse_age(args.older_than) else "kept (recent)")
@@ -86,19 +95,24 @@ def register(sub) -> None:
     cache = sub.add_parser("cache", help="inspect caches").add_subparsers(dest="cache_command", required=True)
     p = cache.add_parser("ls", help="list the caches under a root")
     p.add_argument("root")
+    add_storage_args(p)
     p.set_defaults(func=cmd_cache_ls)
     p = cache.add_parser("show", help="print a cache's manifest")
     p.add_argument("uri")
     p.add_argument("--json", action="store_true")
+    add_storage_args(p)
     p.set_defaults(func=cmd_cache_show)
     p = cache.add_parser("rm", help="delete a cache (manifest first)")
     p.add_argument("uri")
+    add_storage_args(p)
     p.set_defaults(func=cmd_cache_rm)
     p = cache.add_parser("gc", help="delete incomplete caches (no manifest) older than an age")
     p.add_argument("root")
     p.add_argument("--older-than", default="24h", help="age like 90s, 30m, 24h, 7d (default 24h)")
     p.add_argument("--dry-run", action="store_true")
+    add_storage_args(p)
     p.set_defaults(func=cmd_cache_gc)
     p = cache.add_parser("verify", help="check every shard against the manifest (exit 0 only when sound)")
     p.add_argument("uri")
+    add_storage_args(p)
     p.set_defaults(func=cmd_cache_verify)

@@ -5,17 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.cli.options import add_address, add_config_args, add_storage_args, configure_storage
 from pipeline.errors import DistillError
-
-def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set epochs=5 (repeatable)")
-
-
-def add_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import PrecomputeConfig, load_config
@@ -51,9 +42,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.student.run import load_run_config, run_train
 
     if args.resume:
+        configure_storage(args, args.resume, "run directory")
         if args.config or args.overrides:
             raise DistillError("--resume takes the run directory alone", "drop CONFIG and --set: the run keeps its config")
-        run_train(load_run_config(args.resume), address=args.address, resume=True)
+        cfg = load_run_config(args.resume)
+        if args.endpoint_url or args.region:  # the flags say where the run's storage is, as they did to find it
+            cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={
+                k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v})})
+        run_train(cfg, address=args.address, resume=True)
     elif not args.config:
         raise DistillError("no config", "distill train CONFIG, or distill train --resume RUN_DIR")
     else:
@@ -64,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
+    configure_storage(args, args.run_dirs[0], "run directory")
     print(f"wrote {write_report(args.run_dirs, args.out)}")
     return 0
 
@@ -90,9 +87,11 @@ def register(sub) -> None:
     add_address(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    add_storage_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>)")
     p.add_argument("--out", help="where to write the page (default: report.html beside the first run)")
+    add_storage_args(p)
     p.set_defaults(func=cmd_report)

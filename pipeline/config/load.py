@@ -17,6 +17,7 @@ from pipeline.config.precompute import LOGITS_MODES, PrecomputeConfig
 from pipeline.config.source import SOURCE_KINDS
 from pipeline.config.train import TrainConfig
 from pipeline.errors import DistillError
+from pipeline.storage import is_local, local_path
 
 AnyConfig = Union[PrecomputeConfig, TrainConfig]
 # A discriminated union puts the chosen tag into an error's location (`source.parquet.uri`); users
@@ -102,9 +103,38 @@ def format_validation(path: str, err: ValidationError) -> DistillError:
     )
 
 
+# Fields that name another config file: a relative path there is relative to the file that names it.
+CONFIG_REFERENCES = ("precompute",)
+
+
+def _resolve_references(data: dict[str, Any], path: str | os.PathLike, overrides: list[str] | None) -> dict[str, Any]:
+    """A reference written in the file is relative to the file's folder; one given with --set, to the
+    current directory (where the command line was typed). Either must exist."""
+    base = Path(path).resolve().parent
+    written = {name: data.get(name) for name in CONFIG_REFERENCES}
+    for name, value in written.items():
+        if isinstance(value, str) and value and is_local(value) and not os.path.isabs(value):
+            data[name] = str(base / value)
+    in_file = {name: data.get(name) for name in CONFIG_REFERENCES}
+    data = apply_overrides(data, overrides)
+    for name in CONFIG_REFERENCES:
+        value = data.get(name)
+        if not (isinstance(value, str) and value and is_local(value)):
+            continue
+        resolved = local_path(value)
+        if not os.path.isfile(resolved):
+            if value != in_file[name]:
+                raise DistillError(f"`--set {name}={value}` names a config that does not exist ({resolved})",
+                                   "a path given with --set is relative to the current directory")
+            raise DistillError(f"config {path} names `{name}: {written[name]}`, which does not exist ({resolved})",
+                               f"a relative `{name}:` is relative to the folder of the config that names it ({base})")
+        data[name] = resolved
+    return data
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, kind: str | None = None) -> AnyConfig:
     """Read, override and validate a stage config. Raises DistillError naming the bad field."""
-    data = apply_overrides(read_yaml(path), overrides)
+    data = _resolve_references(read_yaml(path), path, overrides)
     kind = kind or config_kind(data)
     model = PrecomputeConfig if kind == "precompute" else TrainConfig
     if kind == "train" and not data.get("name"):

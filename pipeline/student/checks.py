@@ -17,8 +17,13 @@ def resolve_cache_uri(cfg: TrainConfig) -> str:
     if cfg.cache:
         return cfg.cache
     pre = load_precompute_config(cfg.precompute)  # type: ignore[arg-type]
-    storage.configure(**pre.storage.model_dump())
-    cache_id = recorded_cache(pre.cache_root, pre.recipe())
+    saved = storage.options()
+    if pre.storage.endpoint_url or pre.storage.region:  # where the precompute config's cache root is
+        storage.configure(**pre.storage.model_dump())
+    try:
+        cache_id = recorded_cache(pre.cache_root, pre.recipe())
+    finally:
+        storage.configure(**saved)
     if cache_id is None:
         raise DistillError(f"no cache of precompute config {cfg.precompute} is recorded under {pre.cache_root}",
                            f"run `distill precompute {cfg.precompute}` first, or set `cache:` to a cache URI")

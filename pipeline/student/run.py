@@ -43,15 +43,15 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     """
     storage.configure(**cfg.storage.model_dump())
     storage.check_reachable(cfg.storage_path, "run storage path")
+    run_dir = storage.join(cfg.storage_path if not storage.is_local(cfg.storage_path)
+                           else storage.local_path(cfg.storage_path), cfg.name or "run")
+    if resume and rundir.finished(run_dir):
+        log(f"{cfg.name} already finished: {storage.join(run_dir, rundir.RESULT_FILE)}")
+        return TrainResult(run_dir=run_dir, result=rundir.read_result(run_dir))
     cache_uri = resolve_cache_uri(cfg)
     storage.check_reachable(cache_uri, "cache")
     manifest, task = open_cache(cfg, cache_uri)
-    run_dir = storage.join(cfg.storage_path if not storage.is_local(cfg.storage_path)
-                           else storage.local_path(cfg.storage_path), cfg.name or "run")
     if resume:
-        if rundir.finished(run_dir):
-            log(f"{cfg.name} already finished: {storage.join(run_dir, rundir.RESULT_FILE)}")
-            return TrainResult(run_dir=run_dir, result=rundir.read_result(run_dir))
         log(f"resuming {cfg.name} from its latest checkpoint in {run_dir}")
     elif storage.exists(run_dir):
         if not overwrite:

@@ -98,3 +98,21 @@ def test_source_and_logits_classes_follow_their_tags():
     untagged = PrecomputeConfig.model_validate({"source": {"kind": "digits"}, "teacher": {"factory": "m:f"},
                                                 "outputs": {"logits": {"dtype": "float32"}}})
     assert untagged.outputs.logits == FullLogits(dtype="float32")
+
+
+def test_a_relative_precompute_is_relative_to_the_config_that_names_it(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    shutil.copy("jobs/configs/digits/precompute.yaml", folder / "pre.yaml")
+    (folder / "train.yaml").write_text("precompute: pre.yaml\nstudent: {factory: pipeline.models.builtin:mlp}\n")
+    monkeypatch.chdir(tmp_path)  # anywhere but the config's folder
+    assert load_train_config("project/configs/train.yaml").precompute == str(folder / "pre.yaml")
+    # A value given with --set is relative to where the command was typed.
+    assert load_train_config("project/configs/train.yaml", ["precompute=project/configs/pre.yaml"]).precompute == str(folder / "pre.yaml")
+    (folder / "broken.yaml").write_text("precompute: missing.yaml\nstudent: {factory: pipeline.models.builtin:mlp}\n")
+    with pytest.raises(DistillError) as e:
+        load_train_config("project/configs/broken.yaml")
+    assert "config project/configs/broken.yaml names `precompute: " in e.value.problem and "does not exist" in e.value.problem
+    assert str(folder) in e.value.fix

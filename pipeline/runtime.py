@@ -29,6 +29,7 @@ TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 # Ray Data's documented logging-config variable; ours keeps its console at ERROR (see the YAML).
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" or "disabled"
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 RAY_INTERNALS = {
     TRAIN_HEALTH_CHECK_ENV: "ray.train.v2._internal.constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR",
@@ -86,6 +87,8 @@ def ensure_ray(address: str | None = None) -> None:
         os.environ.setdefault(WORKERS_SOFT_LIMIT_ENV, str(max(16, 2 * cpus)))
         if not verbose():  # every process of the local Ray inherits it: Ray Data's actors log to the file only
             os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
+            # A local Ray turns token authentication on by default and says so at WARNING on every start.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=level)
     configure_data_context()
@@ -108,7 +111,7 @@ def configure_data_context() -> None:
     if not verbose():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -131,7 +134,7 @@ def quiet_train_worker() -> None:
     says it in one line."""
     if verbose():
         return
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # checked by the test of RAY_INTERNALS

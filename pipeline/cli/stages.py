@@ -10,12 +10,17 @@ from pipeline.errors import DistillError
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import PrecomputeConfig, load_config
-    from pipeline.models.factory import resolve_factory
 
     cfg = load_config(args.config, args.overrides)
-    kind = "precompute" if isinstance(cfg, PrecomputeConfig) else "train"
-    resolve_factory(cfg.teacher.factory if isinstance(cfg, PrecomputeConfig) else cfg.student.factory)
-    print(f"ok: {args.config} is a valid {kind} config")
+    if isinstance(cfg, PrecomputeConfig):
+        from pipeline.teacher.checks import validate_precompute
+
+        kind, summary = "precompute", validate_precompute(cfg)
+    else:
+        from pipeline.student.checks import validate_train
+
+        kind, summary = "train", validate_train(cfg)
+    print(f"ok: {args.config} is a valid {kind} config; {summary}")
     if args.show:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
     return 0
@@ -66,7 +71,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("validate", help="check a config without running it")
+    p = sub.add_parser("validate", help="check a config and its data, weights or cache without running a stage")
     add_config_args(p)
     p.add_argument("--show", action="store_true", help="print the resolved config")
     p.set_defaults(func=cmd_validate)

@@ -43,3 +43,20 @@ def open_cache(cfg: TrainConfig, cache_uri: str) -> tuple[Manifest, Task]:
     task = task_for(cfg, manifest)
     task.check()
     return manifest, task
+
+
+def validate_train(cfg: TrainConfig) -> str:
+    """Every check stage 2 makes in the driver (`distill validate`), when the cache exists. Returns a summary."""
+    from pipeline.models.factory import resolve_factory
+
+    resolve_factory(cfg.student.factory)
+    storage.configure(**cfg.storage.model_dump())
+    try:
+        cache_uri = resolve_cache_uri(cfg)
+    except DistillError as e:
+        if cfg.precompute and "no cache of precompute config" in e.problem:
+            return f"its cache is not computed yet: {e.fix}"
+        raise
+    storage.check_reachable(cache_uri, "cache")
+    manifest, task = open_cache(cfg, cache_uri)
+    return f"the {task.name} student fits cache {cache_uri} ({manifest.rows} rows, {manifest.num_classes} classes)"

@@ -23,6 +23,7 @@ from pipeline.errors import DistillError
 from pipeline.models.factory import resolve_factory
 from pipeline.progress import every, progress_line
 from pipeline.runtime import actor_nodes, ensure_ray, map_worker_class_name, root_cause
+from pipeline.teacher.checks import check_teachers
 from pipeline.teacher.identity import CacheTarget, resolve_target
 from pipeline.teacher.predictor import TeacherPredictor
 from pipeline.teacher.publish import publish
@@ -52,6 +53,7 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     if not force and storage.exists(manifest_uri(target.uri)):
         log(f"cache hit: {target.uri}")
         return _hit(cfg, target, log)
+    check_teachers(cfg, target.source)
     _check_taps(cfg, target)
     for name, teacher in cfg.all_teachers.items():
         if teacher.weights is None:
@@ -125,7 +127,7 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
                                  max_rows_per_file=cfg.rows_per_shard)
         except Exception as e:
             raise DistillError(f"the teacher stage failed: {root_cause(e)}",
-                               "see the Ray logs above; nothing was published, run again to resume") from None
+                               "nothing was published; run again to resume (with -v for Ray's own logs)") from None
     wall = time.time() - started
     stats = PrecomputeStats(wall_s=round(wall, 3), rows_per_s=round(todo / max(wall, 1e-9), 1),
                             devices="cuda" if cfg.gpus_per_actor > 0 else "cpu", num_actors=cfg.num_actors,

@@ -12,6 +12,7 @@ from pydantic import TypeAdapter
 from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
 from pipeline.config import FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits
+from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
 from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
@@ -43,8 +44,31 @@ class TeacherPredictor:
         self.on_gpu = self.device.type == "cuda"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if INPUT_IDS in batch:
-            return self._tokens(batch)
+        """Encoded outputs for the batch; a failure names the first row that fails on its own, so the
+        driver shows one line a user can act on instead of a Ray traceback."""
+        try:
+            return self._encode(batch)
+        except DistillError:
+            raise
+        except Exception as e:  # noqa: BLE001 (whatever the user's model raises on the user's data)
+            row, error = self._failing_row(batch, e)
+            raise DistillError(f"the teacher failed on row {row!r}: {type(error).__name__}: {_first_line(error)}",
+                               "check that row of the source against the teacher (input shape, dtype, values)") from None
+
+    def _encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._tokens(batch) if INPUT_IDS in batch else self._rows(batch)
+
+    def _failing_row(self, batch: dict[str, np.ndarray], error: Exception) -> tuple[str, Exception]:
+        """The first row that fails alone (a batch fails for one bad row), or the batch's first row."""
+        ids = batch[SAMPLE_ID]
+        for i in range(len(ids)):
+            try:
+                self._encode({k: v[i:i + 1] for k, v in batch.items()})
+            except Exception as e:  # noqa: BLE001
+                return str(ids[i]), e
+        return (str(ids[0]) if len(ids) else "?"), error
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.require(batch[X], dtype=np.float32, requirements=["C", "W"]))
         if self.on_gpu:
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -85,3 +109,8 @@ class TeacherPredictor:
         """Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike)."""
         first = zlib.crc32(str(batch[SAMPLE_ID][0]).encode()) if len(batch[SAMPLE_ID]) else 0
         return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + first)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -63,5 +63,5 @@ def test_parquet_source_missing_column_is_clear(tmp_path):
     cfg = ParquetSource(uri=str(tmp_path / "d.parquet"), id_column="id", input_columns=["f"], label_column="y")
     from pipeline.errors import DistillError
 
-    with pytest.raises(DistillError, match=r"lacks column\(s\) \['f'\]"):
+    with pytest.raises(DistillError, match=r"lacks input column 'f'"):
         describe(cfg)

@@ -1,0 +1,87 @@
+"""What stage 1 checks in the driver before any Ray work: each teacher's weights fit its factory,
+and the teacher takes one row of the source and predicts its classes.
+
+The teacher is built on PyTorch's meta device: shapes and dtypes without memory or compute, so a
+large teacher costs nothing here. A factory that cannot be built on the meta device is skipped
+(its actors still name the failing row).
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from pipeline import storage
+from pipeline.config import PrecomputeConfig
+from pipeline.data.sources import SourceInfo
+from pipeline.errors import DistillError
+from pipeline.models.factory import build_model
+
+REAL_CHECK_MAX_PARAMS = 50_000_000  # a teacher up to this size may be built on CPU for the one-row check
+
+
+def check_teachers(cfg: PrecomputeConfig, source: SourceInfo) -> None:
+    for name, spec in cfg.all_teachers.items():
+        if spec.factory.endswith(":hf_causal_lm"):
+            continue  # loaded by from_pretrained, which checks its own files; the actor checks the vocabulary
+        owner = f"teacher {name!r} ({spec.factory})"
+        try:
+            with torch.device("meta"):
+                model = build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes, load_weights=False)
+        except DistillError:
+            raise
+        except Exception:  # noqa: BLE001 (a factory that needs real tensors to be built; not checkable here)
+            continue
+        if spec.weights:
+            state = torch.load(io.BytesIO(storage.read_bytes(spec.weights)), map_location="meta", weights_only=True)
+            try:
+                model.load_state_dict(state, assign=True)
+            except RuntimeError as e:
+                detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or str(e)
+                raise DistillError(f"the weights {spec.weights} do not fit {owner}: {detail}",
+                                   "check the factory's kwargs against the weights (or the weights against the config)") from None
+        _check_one_row(model, spec, source, owner)
+
+
+def _check_one_row(model: torch.nn.Module, spec, source: SourceInfo, owner: str) -> None:
+    """One row of zeros through the teacher on the meta device. A forward that needs real values
+    (data-dependent branches) is run for real on CPU when the teacher is small enough to build here."""
+    dtype = torch.long if source.kind == "text" else torch.float32
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *source.input_shape, dtype=dtype, device="meta"))
+    except Exception:  # noqa: BLE001
+        if sum(p.numel() for p in model.parameters()) > REAL_CHECK_MAX_PARAMS:
+            return  # not checkable cheaply: the actors name the failing row
+        real = build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes)
+        try:
+            with torch.no_grad():
+                out = real.eval()(torch.zeros(1, *source.input_shape, dtype=dtype))
+        except Exception as e:  # noqa: BLE001 (any failure here is the user's model meeting the user's data)
+            raise DistillError(f"{owner} cannot take one row of the source, shape {list(source.input_shape)}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                               "fix `source.input_shape` (or the input columns), or the teacher's kwargs") from None
+    out = out.logits if hasattr(out, "logits") else out
+    if isinstance(out, torch.Tensor) and out.shape[-1] != source.num_classes:
+        raise DistillError(f"{owner} predicts {out.shape[-1]} classes, the source has {source.num_classes}",
+                           f"build the teacher with num_classes={source.num_classes}, or check `source.label_column`")
+
+
+def validate_precompute(cfg: PrecomputeConfig) -> str:
+    """Every check stage 1 makes before Ray, against the real data and weights (`distill validate`):
+    the source (columns, ids, labels, shapes), the teachers' weights and one row. Returns a summary."""
+    from pipeline.cache.manifest import manifest_uri
+    from pipeline.models.factory import resolve_factory
+    from pipeline.teacher.identity import resolve_target
+
+    for teacher in cfg.all_teachers.values():
+        resolve_factory(teacher.factory)
+    storage.configure(**cfg.storage.model_dump())
+    storage.check_reachable(cfg.cache_root, "cache root")
+    target = resolve_target(cfg)
+    check_teachers(cfg, target.source)
+    rows = ", ".join(f"{split} {n}" for split, n in target.source.rows.items())
+    state = "complete" if storage.exists(manifest_uri(target.uri)) else "not computed yet"
+    return (f"source {target.source.kind}: {rows} rows, {target.source.num_classes} classes, input {list(target.source.input_shape)}; "
+            f"cache {target.uri} ({state})")

@@ -1,0 +1,152 @@
+"""A user's own table and models, run as a user runs them (the installed `distill` in a fresh process):
+what can be checked on the data is checked in the driver before any Ray work, and every problem is
+one line with exit 2 naming the row, column or value and the fix."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from tests.cli import distill
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Picky(nn.Module):
+    """A teacher that refuses NaN inputs: it can only fail on the data, inside a teacher actor."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("NaN in the input")
+        return self.net(x)
+
+
+def picky(input_shape=(1, 8, 8), num_classes=10):
+    return Picky(num_classes)
+'''
+
+
+def _table(path, n=1797, ids=None, labels=None, nan_row=None):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.data[:n].astype(np.float32) / 16
+    if nan_row is not None:
+        x[nan_row, 5] = np.nan
+    cols = {"id": ids if ids is not None else [f"r-{i}" for i in range(n)],
+            "label": labels if labels is not None else d.target[:n]}
+    cols.update({f"pixel_{j}": x[:, j] for j in range(64)})
+    pq.write_table(pa.table(cols), path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A user's folder: a table of the 8x8 digits with 64 pixel columns, a teacher's weights, configs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _table(tmp_path / "digits.parquet")
+    from pipeline.models.builtin import digits_cnn
+
+    torch.manual_seed(0)
+    torch.save(digits_cnn(width=32).state_dict(), tmp_path / "teacher.pt")
+    (tmp_path / "my_models.py").write_text(MODELS)
+    return tmp_path
+
+
+def _config(folder, name="pre.yaml", source=None, teacher=None):
+    data = {"source": {"kind": "parquet", "uri": "digits.parquet", "id_column": "id", "input_columns": ["pixel_*"],
+                       "input_shape": [1, 8, 8], **(source or {})},
+            "teacher": {"factory": "pipeline.models.builtin:digits_cnn", "kwargs": {"width": 32}, "weights": "teacher.pt",
+                        **(teacher or {})},
+            "cache_root": "cache"}
+    (folder / name).write_text(yaml.safe_dump(data))
+    return name
+
+
+def test_a_sound_table_validates_with_its_shape_and_classes(folder):
+    ran = distill("validate", _config(folder), cwd=str(folder))
+    assert ran.code == 0, ran.err
+    assert "train 1" in ran.out and "10 classes" in ran.out and "input [1, 8, 8]" in ran.out and "(not computed yet)" in ran.out
+
+
+def _fails(folder, config, *needles, command="validate"):
+    started = time.time()
+    ran = distill(command, config, cwd=str(folder))
+    line = ran.one_line_error()
+    assert ran.code == 2 and all(n in line for n in needles), line
+    return time.time() - started
+
+
+def test_a_wrong_input_shape_is_one_line_before_ray(folder):
+    for command in ("validate", "precompute"):
+        took = _fails(folder, _config(folder, source={"input_shape": [1, 28, 28]}), "[1, 28, 28] holds 784 values",
+                      "give 64", command=command)
+        assert took < 20  # no Ray started, no source staged
+
+
+def test_string_labels_are_one_line(folder):
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    from sklearn.datasets import load_digits
+
+    _table(folder / "digits.parquet", labels=names[load_digits().target])
+    _fails(folder, _config(folder), "labels in `label`", "are not integers", "'zero'")
+
+
+def test_duplicate_ids_are_refused_naming_them(folder):
+    _table(folder / "digits.parquet", ids=[f"r-{i % 1000}" for i in range(1797)])  # 1,797 rows under 1,000 ids
+    _fails(folder, _config(folder), "797 duplicate id(s)", "'r-0'", "exactly once")
+    _fails(folder, _config(folder), "797 duplicate id(s)", command="precompute")
+
+
+def test_a_table_without_its_label_column_fails_validate(folder):
+    pq.write_table(pq.read_table(folder / "digits.parquet").drop(["label"]), folder / "digits.parquet")
+    _fails(folder, _config(folder), "lacks column(s) ['label']")
+
+
+def test_a_pattern_that_matches_nothing_names_the_columns(folder):
+    _fails(folder, _config(folder, source={"input_columns": ["pix_*"]}), "pattern 'pix_*' matches no column", "pixel_0")
+
+
+def test_weights_that_do_not_fit_the_factory_fail_in_seconds(folder):
+    took = _fails(folder, _config(folder, teacher={"kwargs": {"width": 16}}), "weights teacher.pt do not fit",
+                  "size mismatch", command="precompute")
+    assert took < 20
+
+
+def test_identical_data_exported_again_is_the_same_cache(folder):
+    """The table's fingerprint is its content (Parquet footers), not its file times."""
+    cache = lambda ran: ran.out.split("cache ")[-1].split(" (")[0]  # noqa: E731
+    first = distill("validate", _config(folder), cwd=str(folder))
+    time.sleep(1.1)
+    _table(folder / "digits.parquet")  # exported again: a new file, a new mtime, the same content
+    again = distill("validate", "pre.yaml", cwd=str(folder))
+    assert first.code == again.code == 0 and cache(first) == cache(again)
+    _table(folder / "digits.parquet", n=1796)  # different content, a different cache
+    changed = distill("validate", "pre.yaml", cwd=str(folder))
+    assert changed.code == 0 and cache(changed) != cache(first)
+
+
+def test_a_row_the_teacher_fails_on_inside_an_actor_is_named(folder):
+    _table(folder / "digits.parquet", nan_row=17)
+    name = _config(folder, teacher={"factory": "my_models:picky", "kwargs": {}, "weights": None})
+    ran = distill("precompute", name, cwd=str(folder))
+    assert ran.code == 2 and "Traceback" not in ran.err
+    last = ran.err.strip().splitlines()[-1]
+    assert last.startswith("error: the teacher stage failed: the teacher failed on row 'r-17': ValueError: NaN in the input"), last
+    assert not any((folder / "cache").glob("*/manifest.json"))  # nothing published

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
@@ -64,9 +65,7 @@ def probe(address: str, timeout: float = 3.0, default_port: int = 6379) -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect once per process. Without an address, start a local Ray sized for this machine."""
-    import ray
-
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     for name, value in JOB_ENV.items():
         os.environ.setdefault(name, value)
@@ -77,10 +76,18 @@ def ensure_ray(address: str | None = None) -> None:
             "use `distill submit ...` to run the stage on that cluster as a Ray Job, "
             "or give the cluster's GCS address (host:6379) to run this driver there",
         )
+    import ray
+
     level = logging.INFO if verbose() else logging.WARNING
     if address:
         probe(address)
-        ray.init(address=address, logging_level=level)
+        try:
+            ray.init(address=address, logging_level=level)
+        except Exception as e:
+            error = auth_error(e, address)
+            if error is None:
+                raise
+            raise error from None
     else:
         cpus = int(os.environ.get("DISTILL_LOCAL_CPUS", max(LOCAL_MIN_CPUS, os.cpu_count() or 1)))
         # Idle workers kept warm (see WORKERS_SOFT_LIMIT_ENV): cut a 1-worker student from ~5,000 to ~900 samples/s.
@@ -158,6 +165,25 @@ def actor_nodes(class_name: str) -> list[str]:
     except Exception:  # no dashboard, or an old cluster: the stat is informative, not required
         return []
     return sorted({a.node_id for a in actors if a.node_id})
+
+
+_AUTH_SIGNS = ("Authentication required", "InvalidAuthToken", "Unauthenticated", "authentication token")
+
+
+def auth_error(e: BaseException, address: str) -> DistillError | None:
+    """The one line for a cluster that wants Ray's token authentication (Ray 2.60 turns it on for any
+    `ray start --head` on a machine where a local Ray has run), or None for any other failure."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(type(x).__name__ == "AuthenticationError" or any(s in str(x) for s in _AUTH_SIGNS) for x in chain):
+        return None
+    mode = os.environ.get(AUTH_MODE_ENV)
+    now = f" (RAY_AUTH_MODE is {mode!r})" if mode else " (RAY_AUTH_MODE is not set)"
+    return DistillError(f"the Ray cluster at {address} requires token authentication{now}",
+                        "set RAY_AUTH_MODE=token with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                        "(see docs/cluster.md, Ray token authentication)")
 
 
 def root_cause(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from pipeline.cache.manifest import manifest_uri
 from pipeline.config import PrecomputeConfig, TrainConfig
 from pipeline.entrypoint import CONFIG_ENV
 from pipeline.errors import DistillError
-from pipeline.runtime import JOB_ENV, probe
+from pipeline.runtime import JOB_ENV, auth_error, probe
 
 # The module each stage's job runs, from the package installed on the cluster.
 STAGE_MODULES = {"precompute": "pipeline.teacher", "train": "pipeline.student"}
@@ -49,6 +49,9 @@ def job_client(address: str | None):
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # ConnectionError, or RuntimeError from the version check
+        error = auth_error(e, url)
+        if error is not None:
+            raise error from None
         raise DistillError(f"the Ray Jobs API at {url} does not answer: {str(e).splitlines()[0]}",
                            "pass the dashboard address (port 8265 by default)") from None
 

@@ -62,6 +62,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.report import reliability
+    from pipeline.rundir import write_json
+    from pipeline.student.evaluate import evaluate_run
+
+    configure_storage(args, args.run_dir, "run directory")
+    out = evaluate_run(args.run_dir, args.source, args.split)
+    m = out["metrics"]
+    calibration = m.pop("calibration", None)
+    if calibration and calibration.get("student"):
+        m["val_ece"] = reliability(calibration["student"])[2]
+    shown = "  ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in m.items()
+                      if isinstance(v, float) and k not in ("val_rows", "val_tokens"))
+    print(f"{args.run_dir} on {args.source} ({out['source_kind']}, split {out['split']}, {out['rows']} rows): {shown}")
+    if args.out:
+        write_json(args.out, {**out, "metrics": {**m, **({"calibration": calibration} if calibration else {})}})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
@@ -94,6 +114,17 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     add_storage_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained student on any dataset: a cache, a precompute config's source, "
+                                        "or your own Parquet table")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (<storage_path>/<name>)")
+    p.add_argument("--source", required=True, metavar="CONFIG_OR_URI",
+                   help="a cache URI, a precompute config (its source), or a Parquet table read like the run's own source")
+    p.add_argument("--split", choices=["train", "val", "all"], default=None,
+                   help="rows to score (default: val of a cache or config, all rows of a table)")
+    p.add_argument("--out", metavar="FILE", help="also write the metrics (and calibration bins) as JSON")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>)")

@@ -173,6 +173,8 @@ class PrecomputeConfig(Strict):
         source = self.source
         if isinstance(source, (ParquetSource, TextSource)) and source.uri:
             source = source.model_copy(update={"uri": absolute(source.uri)})
+        if isinstance(source, ParquetSource) and source.val_uri:
+            source = source.model_copy(update={"val_uri": absolute(source.val_uri)})
         if isinstance(source, TextSource):
             source = source.model_copy(update={
                 "files": [absolute(f) for f in source.files] if source.files else source.files,

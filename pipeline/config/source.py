@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.base import Strict
 
 
 class _SplitFields(Strict):
-    """Every source is cut into `train` and `val` deterministically."""
+    """Every source is cut into `train` and `val` deterministically; `val_fraction: 0` makes every row
+    training data (no validation split: students then train without per-epoch evaluation)."""
 
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
 
 
@@ -33,7 +34,10 @@ class MnistSource(_SplitFields):
 
 
 class ParquetSource(_SplitFields):
-    """A user's own table: an id column, input columns and a label column; split by a hash of the id."""
+    """A user's own table: an id column, input columns (names or glob patterns such as `pixel_*`) and a
+    label column. Its split is, by default, a hash of the id (`val_fraction`); or the user's own:
+    `split_column` (values `train` / `val`), or a separate validation table `val_uri` (every row of
+    `uri` is then training data)."""
 
     kind: Literal["parquet"] = "parquet"
     uri: str
@@ -41,7 +45,18 @@ class ParquetSource(_SplitFields):
     input_columns: list[str] = Field(min_length=1)
     label_column: str = "label"
     input_shape: list[int] | None = None
-    version: str | None = None  # explicit dataset version; otherwise file fingerprints are used
+    version: str | None = None  # explicit dataset version; otherwise the files' content fingerprint is used
+    split_column: str | None = None
+    val_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _one_split(self) -> "ParquetSource":
+        if self.split_column and self.val_uri:
+            raise ValueError("give either `split_column` or `val_uri`, not both")
+        if (self.split_column or self.val_uri) and {"val_fraction", "split_seed"} & self.model_fields_set:
+            raise ValueError("`val_fraction` and `split_seed` split by a hash of the id; drop them with "
+                             "`split_column` or `val_uri`, which say the split themselves")
+        return self
 
 
 class TokenizerConfig(Strict):

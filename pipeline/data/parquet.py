@@ -34,93 +34,139 @@ class ParquetTable:
     def __init__(self, cfg: ParquetSource) -> None:
         self.cfg = cfg
 
-    def _dataset(self) -> pq.ParquetDataset:
-        fs, path = arrow_filesystem(self.cfg.uri)
+    def tables(self) -> list[tuple[str, str | None]]:
+        """(uri, the split all its rows belong to, or None when the rows say it themselves)."""
+        if self.cfg.val_uri:
+            return [(self.cfg.uri, "train"), (self.cfg.val_uri, "val")]
+        return [(self.cfg.uri, None)]
+
+    def _dataset(self, uri: str) -> pq.ParquetDataset:
+        fs, path = arrow_filesystem(uri)
         try:
             return pq.ParquetDataset(path, filesystem=fs)
         except (FileNotFoundError, OSError) as e:
-            raise DistillError(f"cannot read the parquet source {self.cfg.uri!r}: {e}", "check `source.uri`") from None
+            field = "source.val_uri" if uri == self.cfg.val_uri else "source.uri"
+            raise DistillError(f"cannot read the parquet source {uri!r}: {e}", f"check `{field}`") from None
 
     def describe(self) -> SourceInfo:
         cfg = self.cfg
-        dataset = self._dataset()
-        inputs = input_columns(cfg, dataset.schema)
-        missing = [c for c in [cfg.id_column, cfg.label_column] if c not in dataset.schema.names]
-        if missing:
-            raise DistillError(f"parquet source {cfg.uri} lacks column(s) {missing}",
-                               f"set `source.id_column` / `source.label_column` to one of {dataset.schema.names}")
-        table = dataset.read(columns=[cfg.id_column, cfg.label_column])
-        ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False)
-        check_unique_ids(ids, f"parquet source {cfg.uri}, column `{cfg.id_column}`")
-        labels = class_labels(table.column(cfg.label_column).to_numpy(zero_copy_only=False), f"`{cfg.label_column}` of {cfg.uri}")
-        in_val = hash_split(ids, cfg.val_fraction, cfg.split_seed) == "val"
-        width = _input_width(dataset, inputs, cfg)
+        ids, labels, splits, widths, digests = [], [], [], set(), []
+        for uri, split in self.tables():
+            dataset = self._dataset(uri)
+            inputs = input_columns(cfg, dataset.schema, uri)
+            wanted = [cfg.id_column, cfg.label_column, *([cfg.split_column] if cfg.split_column else [])]
+            missing = [c for c in wanted if c not in dataset.schema.names]
+            if missing:
+                raise DistillError(f"parquet source {uri} lacks column(s) {missing}",
+                                   f"set `source.id_column` / `source.label_column` / `source.split_column` to one of "
+                                   f"{dataset.schema.names}")
+            table = dataset.read(columns=wanted)
+            part_ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False)
+            ids.append(part_ids)
+            labels.append(class_labels(table.column(cfg.label_column).to_numpy(zero_copy_only=False), f"`{cfg.label_column}` of {uri}"))
+            if split is not None:
+                splits.append(np.full(len(part_ids), split, dtype=object))
+            elif cfg.split_column:
+                splits.append(split_values(table.column(cfg.split_column).to_numpy(zero_copy_only=False), cfg.split_column, uri))
+            else:
+                splits.append(hash_split(part_ids, cfg.val_fraction, cfg.split_seed))
+            widths.add(_input_width(dataset, inputs))
+            digests.append(f"{split or 'all'}:{_footers_digest(uri, dataset)}")
+        all_ids, all_labels, all_splits = np.concatenate(ids), np.concatenate(labels), np.concatenate(splits)
+        check_unique_ids(all_ids, f"parquet source {cfg.uri}" + (f" with {cfg.val_uri}" if cfg.val_uri else "")
+                         + f", column `{cfg.id_column}`")
+        if len(widths) > 1:
+            raise DistillError(f"the training and validation tables give {sorted(widths)} input values per row",
+                               "export both with the same input columns")
+        width = widths.pop()
         if cfg.input_shape and math.prod(cfg.input_shape) != width:
             raise DistillError(f"`source.input_shape` {cfg.input_shape} holds {math.prod(cfg.input_shape)} values per row, "
                                f"the input columns of {cfg.uri} give {width}",
                                f"set `source.input_shape` to a shape of {width} values, e.g. [{width}]")
-        shape = tuple(cfg.input_shape) if cfg.input_shape else (width,)
-        return SourceInfo(kind="parquet", fingerprint=self._fingerprint(dataset), num_classes=int(labels.max()) + 1,
-                          input_shape=shape, rows={"train": int((~in_val).sum()), "val": int(in_val.sum())})
-
-    def _fingerprint(self, dataset: pq.ParquetDataset) -> str:
-        """The content of the files, cheaply: each file's Parquet footer (row groups, column sizes and
-        statistics) and size, independent of the files' paths and times, so re-exporting identical
-        data finds the same cache. `source.version` names a version explicitly instead."""
-        if self.cfg.version:
-            return f"version:{self.cfg.version}"
-        fs, _ = arrow_filesystem(self.cfg.uri)
-        digests = []
-        for f in dataset.files:
-            with fs.open_input_file(f) as fh:
-                size = fh.size()
-                fh.seek(size - 8)
-                tail = fh.read(8)
-                length = int.from_bytes(tail[:4], "little")
-                fh.seek(size - 8 - length)
-                footer = fh.read(length)
-            digests.append(hashlib.sha256(footer + size.to_bytes(8, "little")).hexdigest())
-        return "footers:" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
+        fingerprint = f"version:{cfg.version}" if cfg.version else (
+            digests[0].split(":", 1)[1] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()[:16])
+        return SourceInfo(kind="parquet", fingerprint=fingerprint, num_classes=int(all_labels.max()) + 1,
+                          input_shape=tuple(cfg.input_shape) if cfg.input_shape else (width,),
+                          rows={s: int((all_splits == s).sum()) for s in ("train", "val")})
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
-        table = self._dataset().read()
-        rows = self.standardize({name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names})
-        keep = rows.pop(SPLIT) == split
-        return {k: v[keep] for k, v in rows.items()}
+        parts = []
+        for uri, forced in self.tables():
+            if forced not in (None, split):
+                continue
+            table = self._dataset(uri).read()
+            rows = self.standardize({n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}, forced)
+            keep = rows.pop(SPLIT) == split
+            parts.append({k: v[keep] for k, v in rows.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def standardize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def standardize(self, batch: dict[str, np.ndarray], split: str | None = None) -> dict[str, np.ndarray]:
         """User columns -> `sample_id`, `x` (float32, optionally reshaped), `label` (int64) and `split`."""
-        return standardize_batch(batch, cfg=self.cfg)
+        return standardize_batch(batch, cfg=self.cfg, split=split)
 
     def identity(self, info: SourceInfo) -> dict[str, Any]:
         columns = {"id": self.cfg.id_column, "inputs": self.cfg.input_columns, "label": self.cfg.label_column}
-        return identity_record(self.cfg, info, TRANSFORM, columns=columns)
+        record = identity_record(self.cfg, info, TRANSFORM, columns=columns)
+        if self.cfg.split_column:  # the user's own split: hash settings do not apply (and default ids stay as they were)
+            record["split"] = {"column": self.cfg.split_column}
+        elif self.cfg.val_uri:
+            record["split"] = {"val_uri": self.cfg.val_uri}
+        return record
 
 
-def input_columns(cfg: ParquetSource, schema: pa.Schema) -> list[str]:
+def _footers_digest(uri: str, dataset: pq.ParquetDataset) -> str:
+    """The content of a table's files, cheaply: each file's Parquet footer (row groups, column sizes and
+    statistics) and size, independent of the files' paths and times, so re-exporting identical data
+    finds the same cache. `source.version` names a version explicitly instead."""
+    fs, _ = arrow_filesystem(uri)
+    digests = []
+    for f in dataset.files:
+        with fs.open_input_file(f) as fh:
+            size = fh.size()
+            fh.seek(size - 8)
+            length = int.from_bytes(fh.read(8)[:4], "little")
+            fh.seek(size - 8 - length)
+            footer = fh.read(length)
+        digests.append(hashlib.sha256(footer + size.to_bytes(8, "little")).hexdigest())
+    return "footers:" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
+
+
+def split_values(values: np.ndarray, column: str, uri: str) -> np.ndarray:
+    """A split column's values, which must be `train` or `val`."""
+    out = np.asarray([str(v) for v in values], dtype=object)
+    other = sorted(set(out.tolist()) - {"train", "val"})
+    if other:
+        raise DistillError(f"split column {column!r} of {uri} holds {other[:_SHOWN]}, not only 'train' and 'val'",
+                           "write `train` or `val` in every row (or split by `val_fraction` instead)")
+    return out
+
+
+def input_columns(cfg: ParquetSource, schema: pa.Schema, uri: str | None = None) -> list[str]:
     """`input_columns` with glob patterns (`pixel_*`) expanded, in the table's column order."""
+    uri = uri or cfg.uri
     out: list[str] = []
+    reserved = (cfg.id_column, cfg.label_column, cfg.split_column)
     for entry in cfg.input_columns:
         if any(c in entry for c in "*?["):
-            found = [n for n in schema.names if fnmatch.fnmatchcase(n, entry) and n not in (cfg.id_column, cfg.label_column)]
+            found = [n for n in schema.names if fnmatch.fnmatchcase(n, entry) and n not in reserved]
             if not found:
-                raise DistillError(f"`source.input_columns` pattern {entry!r} matches no column of {cfg.uri}",
+                raise DistillError(f"`source.input_columns` pattern {entry!r} matches no column of {uri}",
                                    f"its columns: {schema.names}")
             out += [n for n in found if n not in out]
         elif entry not in schema.names:
-            raise DistillError(f"parquet source {cfg.uri} lacks input column {entry!r}", f"its columns: {schema.names}")
+            raise DistillError(f"parquet source {uri} lacks input column {entry!r}", f"its columns: {schema.names}")
         elif entry not in out:
             out.append(entry)
     for name in out:
         t = schema.field(name).type
         value = t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) else t
         if not (pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_boolean(value)):
-            raise DistillError(f"input column {name!r} of {cfg.uri} is {t}, not numbers",
+            raise DistillError(f"input column {name!r} of {uri} is {t}, not numbers",
                                "inputs must be numeric (or lists of numbers); encode the column before exporting")
     return out
 
 
-def _input_width(dataset: pq.ParquetDataset, columns: list[str], cfg: ParquetSource) -> int:
+def _input_width(dataset: pq.ParquetDataset, columns: list[str]) -> int:
     if len(columns) > 1:
         return len(columns)
     t = dataset.schema.field(columns[0]).type
@@ -158,8 +204,9 @@ def class_labels(labels: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource) -> dict[str, np.ndarray]:
-    """`ParquetTable.standardize` as a plain function, for Ray Data's `map_batches` (pickled to its tasks)."""
+def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split: str | None = None) -> dict[str, np.ndarray]:
+    """`ParquetTable.standardize` as a plain function, for Ray Data's `map_batches` (pickled to its tasks).
+    `split` is the split of every row (a separate validation table), else the split column or the id's hash."""
     ids = np.asarray(batch[cfg.id_column])
     cols = input_columns(cfg, pa.schema([(name, _arrow_type(values)) for name, values in batch.items()]))
     if len(cols) == 1:
@@ -174,7 +221,9 @@ def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource) -> di
         SAMPLE_ID: np.array([str(i) for i in ids], dtype=object),
         X: x,
         LABEL: np.asarray(batch[cfg.label_column], dtype=np.int64),
-        SPLIT: hash_split(ids, cfg.val_fraction, cfg.split_seed),
+        SPLIT: (np.full(len(ids), split, dtype=object) if split is not None
+                else split_values(batch[cfg.split_column], cfg.split_column, cfg.uri) if cfg.split_column
+                else hash_split(ids, cfg.val_fraction, cfg.split_seed)),
     }
 
 

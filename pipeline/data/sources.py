@@ -26,8 +26,8 @@ class SourceInfo:
 
 
 class RowSource(Protocol):
-    """One kind of source. `streams` sources are too big to hold: stage 1 reads them through Ray
-    Data with `standardize`; the others build each split in memory with `load_split`."""
+    """One kind of source. `streams` sources are too big to hold: stage 1 reads each of their `tables()`
+    through Ray Data with `standardize`; the others build each split in memory with `load_split`."""
 
     streams: bool
 

@@ -37,7 +37,9 @@ def load_datasets(cache_uri: str, manifest: Manifest, columns: list[str], in_mem
     TrainConfig.in_memory): a small cache then costs one read instead of one per epoch."""
     import ray
 
-    datasets = {split: cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")}
+    # A cache whose source has no validation split (val_fraction 0) trains without per-epoch evaluation.
+    datasets = {split: cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")
+                if manifest.shards_of(split)}
     if in_memory is None:
         need = in_memory_bytes(cache_uri, manifest, columns)
         budget = IN_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)

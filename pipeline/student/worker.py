@@ -85,7 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.all_reduce(flag)
     workers_with_teacher = int(flag.item())
 
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if manifest.rows_by_split.get("val", 0) else None
     per_worker_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = math.ceil(manifest.rows_by_split["train"] / world / per_worker_batch)
     dtypes = task.dtypes()
@@ -108,7 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         waited = [0.0]
         stats = train_epoch(model, timed(batches, waited), task, optimizer, on_step)
         train_s = time.time() - started
-        evaluated = task.evaluate(model, val_shard.iter_torch_batches(batch_size=task.eval_batch_size, dtypes=dtypes))
+        evaluated = (task.evaluate(model, val_shard.iter_torch_batches(batch_size=task.eval_batch_size, dtypes=dtypes))
+                     if val_shard is not None else {})
         calibration = evaluated.pop("calibration", None)
         metrics = {
             "epoch": epoch + 1,

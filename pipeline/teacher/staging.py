@@ -29,10 +29,11 @@ def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tupl
     fs, path = storage.arrow_filesystem(uri)
     if not storage.exists(marker):
         storage.remove_tree(uri)
-        if rows.streams:
-            src_fs, src_path = storage.arrow_filesystem(cfg.source.uri)
-            ray.data.read_parquet(src_path, filesystem=src_fs).map_batches(
-                rows.standardize, batch_format="numpy").write_parquet(path, filesystem=fs)
+        if rows.streams:  # a user's table, and its validation table if it has one
+            for table_uri, split in rows.tables():
+                src_fs, src_path = storage.arrow_filesystem(table_uri)
+                ray.data.read_parquet(src_path, filesystem=src_fs).map_batches(
+                    rows.standardize, fn_kwargs={"split": split}, batch_format="numpy").write_parquet(path, filesystem=fs)
         else:
             fs.create_dir(path)
             for split in SPLITS:

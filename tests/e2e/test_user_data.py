@@ -150,3 +150,64 @@ def test_a_row_the_teacher_fails_on_inside_an_actor_is_named(folder):
     last = ran.err.strip().splitlines()[-1]
     assert last.startswith("error: the teacher stage failed: the teacher failed on row 'r-17': ValueError: NaN in the input"), last
     assert not any((folder / "cache").glob("*/manifest.json"))  # nothing published
+
+
+def _counts(ran) -> tuple[int, int]:
+    part = ran.out.split("source parquet: ")[1].split(" rows")[0]  # "train N, val M"
+    train, val = (int(p.split()[1]) for p in part.split(", "))
+    return train, val
+
+
+def test_the_users_own_split_column(folder):
+    table = pq.read_table(folder / "digits.parquet")
+    fold = np.where(np.arange(table.num_rows) % 4 == 0, "val", "train")
+    pq.write_table(table.append_column("fold", pa.array(fold)), folder / "digits.parquet")
+    ran = distill("validate", _config(folder, source={"split_column": "fold"}), cwd=str(folder))
+    assert ran.code == 0 and _counts(ran) == (int((fold == "train").sum()), int((fold == "val").sum())), ran.err
+    bad = np.where(fold == "val", "validation", "train")
+    pq.write_table(table.append_column("fold", pa.array(bad)), folder / "digits.parquet")
+    _fails(folder, "pre.yaml", "split column 'fold'", "['validation']", "'train' and 'val'")
+    _fails(folder, _config(folder, source={"split_column": "fold", "val_fraction": 0.3}), "field `source`",
+           "drop them with `split_column` or `val_uri`")
+
+
+def test_a_separate_validation_table(folder):
+    _table(folder / "val.parquet", n=300, ids=[f"v-{i}" for i in range(300)])
+    ran = distill("validate", _config(folder, source={"val_uri": "val.parquet"}), cwd=str(folder))
+    assert ran.code == 0 and _counts(ran) == (1797, 300), ran.err
+    _table(folder / "val.parquet", n=300)  # ids r-0..r-299 are in the training table too
+    _fails(folder, "pre.yaml", "300 duplicate id(s)")
+
+
+def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder):
+    """val_fraction 0: a cache with no validation split, a student trained without per-epoch evaluation,
+    then scored with `distill evaluate` on the user's own held-out table."""
+    _table(folder / "digits.parquet", n=1500)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    held = {"id": [f"h-{i}" for i in range(1500, 1797)], "label": d.target[1500:]}
+    held.update({f"pixel_{j}": (d.data[1500:, j] / 16).astype(np.float32) for j in range(64)})
+    pq.write_table(pa.table(held), folder / "heldout.parquet")
+    name = _config(folder, source={"val_fraction": 0.0})
+    assert _counts(distill("validate", name, cwd=str(folder))) == (1500, 0)
+    (folder / "train.yaml").write_text(yaml.safe_dump({
+        "precompute": name, "student": {"factory": "pipeline.models.builtin:mlp", "kwargs": {"hidden": [32]}},
+        "optimizer": {"name": "adam", "lr": 0.005}, "epochs": 8, "num_workers": 1, "cpus_per_worker": 0.5,
+        "storage_path": "runs", "name": "all-rows"}))
+    for args in (["precompute", name], ["train", "train.yaml"]):
+        ran = distill(*args, cwd=str(folder))
+        assert ran.code == 0, ran.err[-3000:]
+    import json
+
+    result = json.loads((folder / "runs" / "all-rows" / "result.json").read_text())
+    assert result["epochs"] == 8 and result["metrics"]["val_accuracy"] is None  # nothing to evaluate on during training
+    ran = distill("evaluate", "runs/all-rows", "--source", "heldout.parquet", "--out", "eval.json", cwd=str(folder))
+    assert ran.code == 0, ran.err[-3000:]
+    assert "(table, split all, 297 rows)" in ran.out and "accuracy" in ran.out and "ece" in ran.out
+    scored = json.loads((folder / "eval.json").read_text())
+    assert scored["rows"] == 297 and scored["metrics"]["val_accuracy"] > 0.7 and "val_agreement" not in scored["metrics"]
+    cache = distill("evaluate", "runs/all-rows", "--source", result["cache"], "--split", "train", cwd=str(folder))
+    assert cache.code == 0 and "(cache, split train, 1500 rows)" in cache.out and "agreement" in cache.out
+    missing = distill("evaluate", "runs/all-rows", "--source", "nope.parquet", cwd=str(folder))
+    assert missing.code == 2 and "nope.parquet does not exist" in missing.one_line_error()

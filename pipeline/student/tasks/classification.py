@@ -107,32 +107,27 @@ def calibration_sums(logits: torch.Tensor, labels: torch.Tensor, bins: int = CAL
     }
 
 
-def eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
               temperature: float) -> dict[str, float]:
-    """Additive statistics of one batch, so shards and batches can be summed before dividing."""
-    t = float(temperature)
-    kl = kl_divergence(softened_log_probs(teacher_logits, t), softened_log_probs(student_logits, t))
-    s_pred, t_pred = student_logits.argmax(-1), teacher_logits.float().argmax(-1)
-    return {
-        "n": float(len(labels)),
-        "correct": float((s_pred == labels).sum()),
-        "teacher_correct": float((t_pred == labels).sum()),
-        "agree": float((s_pred == t_pred).sum()),
-        "kl_sum": float(kl.sum()),
-        "nll_sum": float(F.cross_entropy(student_logits.float(), labels, reduction="sum")),
-    }
+    """Additive statistics of one batch, so shards and batches can be summed before dividing. Without
+    the teacher's logits (a table of the user's own), only the student's own statistics."""
+    sums = {"n": float(len(labels)), "correct": float((student_logits.argmax(-1) == labels).sum()),
+            "nll_sum": float(F.cross_entropy(student_logits.float(), labels, reduction="sum"))}
+    if teacher_logits is not None:
+        t = float(temperature)
+        kl = kl_divergence(softened_log_probs(teacher_logits, t), softened_log_probs(student_logits, t))
+        t_pred = teacher_logits.float().argmax(-1)
+        sums.update(teacher_correct=float((t_pred == labels).sum()), agree=float((student_logits.argmax(-1) == t_pred).sum()),
+                    kl_sum=float(kl.sum()))
+    return sums
 
 
 def finish_eval(sums: Mapping[str, float]) -> dict[str, float]:
     n = max(sums.get("n", 0.0), 1.0)
-    return {
-        "val_accuracy": sums["correct"] / n,
-        "val_agreement": sums["agree"] / n,
-        "val_kl": sums["kl_sum"] / n,
-        "val_nll": sums["nll_sum"] / n,
-        "teacher_val_accuracy": sums["teacher_correct"] / n,
-        "val_rows": sums["n"],
-    }
+    out = {"val_accuracy": sums["correct"] / n, "val_nll": sums["nll_sum"] / n, "val_rows": sums["n"]}
+    if "agree" in sums:
+        out.update(val_agreement=sums["agree"] / n, val_kl=sums["kl_sum"] / n, teacher_val_accuracy=sums["teacher_correct"] / n)
+    return out
 
 
 @torch.inference_mode()
@@ -142,9 +137,12 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, tea
     calib: dict[str, dict[str, list[float]]] = {}
     for batch in batches:
         logits = logits_of(model(batch[X]))
-        for k, v in eval_sums(logits, batch[teacher_column], batch[LABEL], temperature).items():
+        teacher = batch.get(teacher_column)
+        for k, v in eval_sums(logits, teacher, batch[LABEL], temperature).items():
             total[k] = total.get(k, 0.0) + v
-        for who, z in (("student", logits), ("teacher", batch[teacher_column])):
+        for who, z in (("student", logits), ("teacher", teacher)):
+            if z is None:
+                continue
             sums = calibration_sums(z, batch[LABEL])
             prev = calib.setdefault(who, {k: [0.0] * CALIBRATION_BINS for k in sums})
             for k, v in sums.items():

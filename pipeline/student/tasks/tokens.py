@@ -138,12 +138,13 @@ class TokenTask(Task):
         for batch in batches:
             ids, mask = lm_targets(batch)
             logits = model(ids[:, :-1])
-            if isinstance(self.signal, TopkRecord):
+            if isinstance(self.signal, TopkRecord) and TOPK_INDICES in batch:
                 top1 = batch[TOPK_INDICES][..., 0]
-            elif isinstance(self.signal, FullLogitsRecord):
+            elif isinstance(self.signal, FullLogitsRecord) and LOGITS in batch:
                 top1 = batch[LOGITS].argmax(-1)
-            else:
+            else:  # sampled or sequence caches, or text with no teacher outputs: no argmax to agree with
                 top1 = torch.full_like(ids[:, 1:], -1)
+                total["no_teacher"] = 1.0
             for k, v in lm_eval_sums(logits, ids[:, 1:], mask, top1).items():
                 total[k] = total.get(k, 0.0) + v
         tokens = max(total.get("tokens", 0.0), 1.0)
@@ -151,7 +152,7 @@ class TokenTask(Task):
         out = {"val_perplexity": math.exp(nll) if nll == nll else math.nan, "val_nll": nll,
                "val_accuracy": total.get("correct", math.nan) / tokens,  # next-token accuracy
                "val_tokens": total.get("tokens", 0.0)}
-        if "val_agreement" in self.result_metrics:
+        if "val_agreement" in self.result_metrics and "no_teacher" not in total:
             out["val_agreement"] = total.get("agree", math.nan) / tokens
         return out
 

@@ -116,8 +116,8 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, user_fol
 def test_both_stages_as_jobs_from_a_users_folder_and_the_cache_reused(installed, user_folder):
     py, bin_dir, env = installed
     distill = str(bin_dir / "distill")
-    _run([distill, "validate", "precompute.yaml"], user_folder, env)
     _run([distill, "fit-teacher", "precompute.yaml"], user_folder, env)  # the user's module, imported from the folder
+    _run([distill, "validate", "precompute.yaml"], user_folder, env)  # the table, the weights against the factory
     assert (user_folder / "runs" / "teacher.pt").exists()
     with ray_head(str(py), env) as (_, url):
         pre = _run([distill, "submit", "precompute", "precompute.yaml", "--address", url, "--wait"], user_folder, env)

@@ -37,7 +37,7 @@ def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
     # Same key as the local cache: the weights are the same bytes, only their location differs.
     assert manifest["cache_id"] == caches[0].rsplit("/", 1)[1]
     assert "testing" not in json.dumps(manifest)  # no credentials in the manifest
-    assert main(["cache", "verify", f"s3://{caches[0]}"]) == 0
+    assert main(["cache", "verify", f"s3://{caches[0]}", "--endpoint-url", endpoint]) == 0
     capsys.readouterr()
     assert main(["precompute", pre_path]) == 0
     assert "cache hit: s3://distill/cache/" in capsys.readouterr().out

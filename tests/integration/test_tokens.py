@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.teacher.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import (
     INPUT_IDS,
@@ -26,8 +25,9 @@ from pipeline.cache.schema import (
 from pipeline.cli import main
 from pipeline.config import load_precompute_config
 from pipeline.data.sources import load_split
-from pipeline.data.text import load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.models.factory import build_model
+from pipeline.teacher.identity import resolve_target
 from tests.conftest import write_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -105,6 +105,17 @@ def test_students_train_from_topk_and_sampled_caches(lm_teacher, tmp_path):
         assert result["workers_with_teacher"] == 0
         if mode == "topk":
             assert 0 <= result["metrics"]["val_agreement"] <= 1
+            # `distill evaluate` on the cache's val split gives the run's own final numbers, and on the
+            # precompute config's source (text tokenised with the cache's tokenizer) the same perplexity.
+            out = tmp_path / "eval.json"
+            assert main(["evaluate", str(tmp_path / "runs" / "student-topk"), "--source", result["cache"], "--out", str(out)]) == 0
+            scored = json.loads(out.read_text())["metrics"]
+            assert scored["val_perplexity"] == pytest.approx(result["metrics"]["val_perplexity"], rel=1e-4)
+            assert scored["val_agreement"] == pytest.approx(result["metrics"]["val_agreement"], rel=1e-4)
+            assert main(["evaluate", str(tmp_path / "runs" / "student-topk"), "--source", pre_path, "--out", str(out)]) == 0
+            from_config = json.loads(out.read_text())["metrics"]
+            assert from_config["val_perplexity"] == pytest.approx(scored["val_perplexity"], rel=1e-4)
+            assert "val_agreement" not in from_config  # text without teacher outputs
 
 
 def test_wrong_vocabulary_or_temperature_fails_before_any_worker(lm_teacher, tmp_path, capsys):

@@ -4,7 +4,6 @@ the standard AWS_ENDPOINT_URL, and a location they cannot use is one line with e
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml

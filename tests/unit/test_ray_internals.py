@@ -19,7 +19,6 @@ def test_every_internal_is_listed_once():
 def test_our_ray_data_logging_config_loads_with_this_ray(tmp_path):
     """The YAML names Ray Data's own handler and filter classes; Ray Data still reads the variable."""
     import importlib
-    import logging.config
 
     import yaml
     from ray.data._internal import logging as data_logging

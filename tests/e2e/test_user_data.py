@@ -211,3 +211,19 @@ def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder):
     assert cache.code == 0 and "(cache, split train, 1500 rows)" in cache.out and "agreement" in cache.out
     missing = distill("evaluate", "runs/all-rows", "--source", "nope.parquet", cwd=str(folder))
     assert missing.code == 2 and "nope.parquet does not exist" in missing.one_line_error()
+
+
+def test_a_relative_precompute_is_found_from_any_directory(folder):
+    """A train config in a sub-folder names `precompute: pre.yaml` beside it; commands run from elsewhere."""
+    configs = folder / "configs"
+    configs.mkdir()
+    pre = yaml.safe_load((folder / _config(folder)).read_text())
+    pre["source"]["uri"] = str(folder / "digits.parquet")
+    (configs / "pre.yaml").write_text(yaml.safe_dump(pre))
+    train = {"precompute": "pre.yaml", "student": {"factory": "pipeline.models.builtin:mlp"}}
+    (configs / "train.yaml").write_text(yaml.safe_dump(train))
+    ran = distill("validate", "configs/train.yaml", cwd=str(folder))
+    assert ran.code == 0 and "its cache is not computed yet" in ran.out and str(configs / "pre.yaml") in ran.out, ran.err
+    (configs / "broken.yaml").write_text(yaml.safe_dump({**train, "precompute": "missing.yaml"}))
+    line = distill("validate", "configs/broken.yaml", cwd=str(folder)).one_line_error()
+    assert "config configs/broken.yaml names `precompute: missing.yaml`, which does not exist" in line and str(configs) in line

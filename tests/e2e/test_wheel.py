@@ -57,8 +57,8 @@ TRAIN = """
 precompute: precompute.yaml
 student: {factory: my_models:student, kwargs: {hidden: 16}}
 loss: {temperature: 4.0, terms: {kd: 0.7, ce: 0.3}}
-optimizer: {name: adam, lr: 0.005}
-epochs: 6
+optimizer: {name: adam, lr: 0.01}
+epochs: 3
 num_workers: 1
 cpus_per_worker: 0.5
 storage_path: runs/train
@@ -138,7 +138,7 @@ def test_both_stages_as_jobs_from_a_users_folder_and_the_cache_reused(installed,
             results.append(json.loads((user_folder / "runs" / "train" / name / "result.json").read_text()))
         jobs = _run([distill, "jobs", "ls", "--address", url], user_folder, env).stdout
     assert [r["cache_id"] for r in results] == [caches[0].name] * 2  # both students read the one cache
-    assert all(r["student"] == "my_models:student" and r["epochs"] == 6 and r["workers_with_teacher"] == 0 for r in results)
+    assert all(r["student"] == "my_models:student" and r["epochs"] == 3 and r["workers_with_teacher"] == 0 for r in results)
     assert all(r["metrics"]["val_accuracy"] > 0.6 for r in results), [r["metrics"]["val_accuracy"] for r in results]
     again = json.loads((caches[0] / "manifest.json").read_text())
     assert again["created"] == manifest["created"]  # reused, not recomputed

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
@@ -65,7 +64,9 @@ def probe(address: str, timeout: float = 3.0, default_port: int = 6379) -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect once per process. Without an address, start a local Ray sized for this machine."""
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    import ray
+
+    if ray.is_initialized():
         return
     for name, value in JOB_ENV.items():
         os.environ.setdefault(name, value)
@@ -76,8 +77,6 @@ def ensure_ray(address: str | None = None) -> None:
             "use `distill submit ...` to run the stage on that cluster as a Ray Job, "
             "or give the cluster's GCS address (host:6379) to run this driver there",
         )
-    import ray
-
     level = logging.INFO if verbose() else logging.WARNING
     if address:
         probe(address)

@@ -18,7 +18,7 @@ from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest, manifest_uri, read_manifest
 from pipeline.cache.schema import TOKENIZER_FILE
 from pipeline.cache.shards import register_tensor_types
-from pipeline.config import ParquetSource, TextSource, TrainConfig, load_precompute_config, parse_source
+from pipeline.config import TextSource, TrainConfig, load_precompute_config, parse_source
 from pipeline.data.sources import SPLITS, open_source
 from pipeline.errors import DistillError
 from pipeline.models.factory import load_state
@@ -58,7 +58,7 @@ def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache:
         kind = "cache"
     else:
         split = split or "all"
-        columns = _concat([open_source(_with_tokenizer(_table_source(source, manifest), cache)).load_split(s) for s in SPLITS])
+        columns = open_source(_with_tokenizer(_table_source(source, manifest), cache)).load_split("train")
         kind = "table"
     wanted = [c for c in task.columns() if c in columns]
     if not wanted or len(next(iter(columns.values()))) == 0:
@@ -97,14 +97,15 @@ def _table_source(uri: str, manifest: Manifest):
         raise DistillError(f"{uri} is neither a cache nor a precompute config, and the run's cache was not made from a "
                            f"table (its source is {recorded.get('kind', 'unknown')})",
                            "give a precompute config whose source describes the table, or a cache URI")
-    source = parse_source({**recorded, "uri": uri})
-    if isinstance(source, ParquetSource):
-        source = source.model_copy(update={"val_uri": None, "split_column": None})
-    elif isinstance(source, TextSource):
-        source = source.model_copy(update={"files": None})
     if not storage.exists(uri):
         raise DistillError(f"{uri} does not exist", "give a cache URI, a precompute config or a Parquet table")
-    return source
+    # Every row of the table is scored: no split of its own (one read of the table).
+    fields = {"uri": uri, "val_fraction": 0.0}
+    if recorded["kind"] == "parquet":
+        fields.update(val_uri=None, split_column=None)
+    else:
+        fields.update(files=None)
+    return parse_source({**recorded, **fields})
 
 
 def _with_tokenizer(source, cache: str):

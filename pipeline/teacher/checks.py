@@ -1,5 +1,5 @@
-"""What stage 1 checks in the driver before any Ray work: each teacher's weights fit its factory,
-and the teacher takes one row of the source and predicts its classes.
+"""What stage 1 checks in the driver before any Ray work: each teacher has the modules its taps name,
+its weights fit its factory, and it takes one row of the source and predicts its classes.
 
 The teacher is built on PyTorch's meta device: shapes and dtypes without memory or compute, so a
 large teacher costs nothing here. A factory that cannot be built on the meta device is skipped
@@ -13,26 +13,33 @@ import io
 import torch
 
 from pipeline import storage
-from pipeline.config import PrecomputeConfig
+from pipeline.config import ModelSpec, PrecomputeConfig
 from pipeline.data.sources import SourceInfo
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
+from pipeline.models.taps import find_modules
 
 REAL_CHECK_MAX_PARAMS = 50_000_000  # a teacher up to this size may be built on CPU for the one-row check
 
 
 def check_teachers(cfg: PrecomputeConfig, source: SourceInfo) -> None:
+    """Each teacher's tap modules exist, its weights fit its factory, and it takes one row of the source."""
     for name, spec in cfg.all_teachers.items():
         if spec.factory.endswith(":hf_causal_lm"):
             continue  # loaded by from_pretrained, which checks its own files; the actor checks the vocabulary
         owner = f"teacher {name!r} ({spec.factory})"
+        taps = [t.module for t in cfg.outputs.taps if t.teacher == name]
         try:
             with torch.device("meta"):
                 model = build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes, load_weights=False)
         except DistillError:
             raise
-        except Exception:  # noqa: BLE001 (a factory that needs real tensors to be built; not checkable here)
+        except Exception:  # noqa: BLE001 (a factory that needs real tensors to be built: only its tap names are checked)
+            if taps:
+                find_modules(build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes,
+                                         load_weights=False), taps, owner=owner)
             continue
+        find_modules(model, taps, owner=owner)  # an unknown tap module lists the names that exist
         if spec.weights:
             state = torch.load(io.BytesIO(storage.read_bytes(spec.weights)), map_location="meta", weights_only=True)
             try:
@@ -44,7 +51,7 @@ def check_teachers(cfg: PrecomputeConfig, source: SourceInfo) -> None:
         _check_one_row(model, spec, source, owner)
 
 
-def _check_one_row(model: torch.nn.Module, spec, source: SourceInfo, owner: str) -> None:
+def _check_one_row(model: torch.nn.Module, spec: ModelSpec, source: SourceInfo, owner: str) -> None:
     """One row of zeros through the teacher on the meta device. A forward that needs real values
     (data-dependent branches) is run for real on CPU when the teacher is small enough to build here."""
     dtype = torch.long if source.kind == "text" else torch.float32

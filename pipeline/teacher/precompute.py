@@ -54,7 +54,6 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
         log(f"cache hit: {target.uri}")
         return _hit(cfg, target, log)
     check_teachers(cfg, target.source)
-    _check_taps(cfg, target)
     for name, teacher in cfg.all_teachers.items():
         if teacher.weights is None:
             log(f"warning: teacher {name!r} has no `weights`; its outputs come from random initialisation")
@@ -152,21 +151,6 @@ def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
         "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
         "storage_options": storage.options(),
     }
-
-
-def _check_taps(cfg: PrecomputeConfig, target: CacheTarget) -> None:
-    """Unknown tap modules fail in the driver, listing the names, before any actor starts."""
-    if not cfg.outputs.taps:
-        return
-    from pipeline.models.factory import build_model
-    from pipeline.models.taps import find_modules
-
-    for name, teacher in cfg.all_teachers.items():
-        modules = [t.module for t in cfg.outputs.taps if t.teacher == name]
-        if modules:
-            model = build_model(teacher, input_shape=target.source.input_shape, num_classes=target.source.num_classes,
-                                load_weights=False)
-            find_modules(model, modules, owner=f"teacher {name!r} ({teacher.factory})")
 
 
 def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from pipeline.errors import DistillError
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 STUDENT_FILE = "student.pt"  # the bare student's state dict, loadable by its factory (e.g. as a later teacher)
+HF_DIR = "hf"  # Hugging Face students: save_pretrained of the model and its tokenizer, loadable by transformers
 
 
 def write_json(uri: str, data: dict[str, Any]) -> None:

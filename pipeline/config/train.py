@@ -69,10 +69,17 @@ class LossConfig(Strict):
 
 
 class OptimizerConfig(Strict):
+    """The optimiser and its learning-rate schedule, per optimizer step (not per micro-batch)."""
+
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0)
+    # Linear warmup from 0 over `warmup_steps`, then constant or a decay to min_lr_ratio * lr at the last step.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)  # max global L2 norm of the gradients, before each step
 
 
 class TrainConfig(Strict):
@@ -83,27 +90,40 @@ class TrainConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)  # global: each of the N workers takes batch_size / N
+    # A step budget instead of epochs: stop after this many optimizer steps, or (token caches) once
+    # this many target tokens have been trained on; epochs is then only an upper bound.
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)  # global rows per optimizer step: each of the N workers takes batch_size / N
+    grad_accum_steps: int = Field(1, ge=1)  # each worker's share of a step in this many micro-batches (memory, not maths)
+    # Autocast to bf16/fp16 for the forward pass (bf16 runs on CPU too); weights, optimizer state and
+    # losses stay float32; fp16 adds a gradient scaler.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # ddp: every worker holds the whole student; fsdp: parameters, gradients and optimizer state
+    # are sharded across the workers (PyTorch FSDP2), checkpoints saved sharded.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    checkpoint_every: int | None = Field(None, ge=1)  # optimizer steps between checkpoints (default: each epoch's end)
+    eval_every: int | None = Field(None, ge=1)  # optimizer steps between evaluations (default: each epoch's end)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     storage_path: str = "runs/train"
     storage: StorageOptions = Field(default_factory=StorageOptions)
     job: JobOptions = Field(default_factory=JobOptions)
-    seed: int = 0
-    shuffle_buffer: int = Field(4096, ge=0)
-    # Read the cache once into Ray's object store and serve every epoch from there, instead of
-    # streaming the shards again each epoch. None (auto): when the selected columns of both
-    # splits fit in a fifth of the cluster's object store memory.
-    in_memory: bool | None = None
+    seed: int = 0  # the student's init and the data order (shards and rows shuffled per epoch from it)
+    # Keep the decoded shards in each worker after their first read instead of streaming them again
+    # every epoch. auto: when a worker's share of both splits is small (see docs/methods.md).
+    in_memory: bool | Literal["auto"] = "auto"
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before the run fails
 
     @model_validator(mode="after")
     def _one_cache_source(self) -> "TrainConfig":
         if bool(self.cache) == bool(self.precompute):
             raise ValueError("set exactly one of `cache` (a cache URI) or `precompute` (its precompute config)")
-        if self.batch_size < self.num_workers:
-            raise ValueError("`batch_size` is global and must be at least `num_workers`")
+        if self.batch_size < self.num_workers * self.grad_accum_steps:
+            raise ValueError("`batch_size` is global and must be at least `num_workers` x `grad_accum_steps`")
+        if self.max_steps and self.max_tokens:
+            raise ValueError("set at most one of `max_steps` and `max_tokens`")
         return self
 
     def with_absolute_paths(self) -> "TrainConfig":

@@ -81,6 +81,37 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
     return HFCausalLM(model)
 
 
+def hf_causal_lm_config(model_type: str = "gpt2", num_classes: int | None = None,
+                        input_shape: tuple[int, ...] | None = None, **config: object) -> nn.Module:
+    """A randomly initialised `AutoModelForCausalLM` of `model_type` (any architecture transformers
+    ships: gpt2, llama, qwen2, ...) sized by `config` (e.g. n_layer, n_embd, n_head for gpt2).
+
+    The vocabulary comes from the cache (`num_classes`) and the position table from its windows
+    (`input_shape`) unless `config` sets them. Nothing is downloaded.
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise DistillError("hf_causal_lm_config needs the transformers package", "pip install transformers") from None
+    settings = dict(config)
+    if num_classes is not None:
+        settings.setdefault("vocab_size", num_classes)
+    if input_shape is not None:
+        settings.setdefault("max_position_embeddings", int(input_shape[0]))
+    try:
+        hf_config = AutoConfig.for_model(model_type, **settings)
+    except ValueError as e:
+        raise DistillError(f"unknown HF model_type {model_type!r}: {str(e).splitlines()[0]}",
+                           "use a model_type transformers knows, e.g. gpt2, llama, qwen2") from None
+    return HFCausalLM(AutoModelForCausalLM.from_config(hf_config))
+
+
+def saved_tokenizer(path: str) -> str | None:
+    """The tokenizer.json saved beside an HF model directory, if any (to check a student's vocabulary)."""
+    uri = storage.join(path, "tokenizer.json")
+    return uri if storage.exists(uri) else None
+
+
 def _vocab_size(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:

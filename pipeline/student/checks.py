@@ -40,7 +40,13 @@ def open_cache(cfg: TrainConfig, cache_uri: str) -> tuple[Manifest, Task]:
     if manifest.rows_by_split.get("train", 0) == 0:
         raise DistillError(f"cache {manifest.cache_id} has no train rows", "check the source's split settings")
     task = task_for(cfg, manifest)
+    if cfg.max_tokens and task.unit != "tokens":
+        raise DistillError(f"max_tokens is a budget for token caches; cache {manifest.cache_id} is for a {task.name} student",
+                           "use max_steps or epochs")
     task.check()
+    if manifest.rows_by_split["train"] < cfg.batch_size:
+        raise DistillError(f"cache {manifest.cache_id} has {manifest.rows_by_split['train']} train rows, fewer than one "
+                           f"batch of {cfg.batch_size}", "lower batch_size")
     return manifest, task
 
 

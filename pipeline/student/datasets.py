@@ -1,23 +1,21 @@
-"""The cache as Ray Datasets for Ray Train: both splits, streamed from the shards every epoch or read
-once into the object store when they are small, and a timer of how long the student waits on them."""
+"""What the driver tells the workers about the cache: each split's shards and rows, whether workers
+keep decoded shards in memory (`in_memory: auto`), and how many units (target tokens) a row holds."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 from pipeline import storage
 from pipeline.cache.manifest import Manifest
+from pipeline.student.stream import ShardReader
+from pipeline.student.tasks.base import Task
 
-IN_MEMORY_SHARE = 0.2  # of the cluster's object store memory, for in_memory: auto
+IN_MEMORY_SHARE = 0.2  # of the cluster's memory, for in_memory: auto (every worker keeps its own copy)
 
 
-def cache_dataset(cache_uri: str, manifest: Manifest, split: str, columns: list[str]):
-    import ray
-
-    fs, root = storage.arrow_filesystem(cache_uri)
-    paths = [f"{root}/{s.path}" for s in manifest.shards_of(split)]
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if split == "train" else None).select_columns(columns)
+def shard_plan(manifest: Manifest) -> dict[str, list[tuple[str, int]]]:
+    """(path relative to the cache, rows) of every shard, per split, in the manifest's order."""
+    return {split: [(s.path, s.rows) for s in manifest.shards_of(split)] for split in ("train", "val")}
 
 
 def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str]) -> int:
@@ -31,37 +29,33 @@ def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str]) -> i
     return int(batch.nbytes / max(batch.num_rows, 1) * manifest.rows)
 
 
-def load_datasets(cache_uri: str, manifest: Manifest, columns: list[str], in_memory: bool | None,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """Both splits as Ray Datasets; materialised once in the object store when they fit (see
-    TrainConfig.in_memory): a small cache then costs one read instead of one per epoch."""
+def keep_in_memory(setting: bool | str, cache_uri: str, manifest: Manifest, columns: list[str], workers: int,
+                   log: Callable[[str], None]) -> bool:
+    """`in_memory` resolved: auto keeps the decoded cache in every worker when all copies fit in a
+    fifth of the cluster's memory; otherwise workers stream shards and their memory stays flat."""
+    if setting != "auto":
+        return bool(setting)
     import ray
 
-    # A cache whose source has no validation split (val_fraction 0) trains without per-epoch evaluation.
-    datasets = {split: cache_dataset(cache_uri, manifest, split, columns) for split in ("train", "val")
-                if manifest.shards_of(split)}
-    if in_memory is None:
-        need = in_memory_bytes(cache_uri, manifest, columns)
-        budget = IN_MEMORY_SHARE * ray.cluster_resources().get("object_store_memory", 0)
-        in_memory = need <= budget
-        if in_memory:
-            log(f"reading the cache into the object store once ({need / 1e6:.0f} MB of {budget / 1e6:.0f} MB allowed; "
-                "in_memory: false streams it every epoch instead)")
-    if in_memory:
-        started = time.time()
-        datasets = {split: ds.materialize() for split, ds in datasets.items()}
-        log(f"cache in memory in {time.time() - started:.1f}s")
-    return datasets
+    need = in_memory_bytes(cache_uri, manifest, columns)
+    budget = IN_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / max(workers, 1)
+    keep = need <= budget
+    log(f"{'keeping' if keep else 'streaming'} the cache in each worker ({need / 1e6:.0f} MB decoded, "
+        f"{budget / 1e6:.0f} MB allowed per worker for in_memory: auto)")
+    return keep
 
 
-def timed(batches: Iterable[Any], waited: list[float]) -> Iterator[Any]:
-    """Yields the batches, adding the seconds spent waiting for each to waited[0]: the share of
-    an epoch the student spent waiting on data rather than computing."""
-    it, end = iter(batches), object()
-    while True:
-        started = time.perf_counter()
-        batch = next(it, end)
-        waited[0] += time.perf_counter() - started
-        if batch is end:
-            return
-        yield batch
+def units_per_row(cache_uri: str, manifest: Manifest, task: Task) -> float:
+    """The mean units (samples: 1; target tokens for LMs) of a train row, from its first shard."""
+    path, rows = shard_plan(manifest)["train"][0]
+    reader = ShardReader(cache_uri, [path], task.columns(), task.dtypes())
+    try:
+        return float(task.units(reader.get(0))) / max(rows, 1)
+    finally:
+        reader.close()
+
+
+def plan(cache_uri: str, manifest: Manifest, task: Task, setting: bool | str, workers: int,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    return {"cache_uri": cache_uri, "shards": shard_plan(manifest),
+            "in_memory": keep_in_memory(setting, cache_uri, manifest, task.columns(), workers, log)}

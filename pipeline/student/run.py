@@ -14,9 +14,12 @@ from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
-from pipeline.runtime import ensure_ray, quiet_data_context
+from pipeline.runtime import ensure_ray
 from pipeline.student.checks import open_cache, resolve_cache_uri
-from pipeline.student.datasets import load_datasets
+from pipeline.student.datasets import plan, units_per_row
+from pipeline.student.export import export_student
+from pipeline.student.schedule import total_steps
+from pipeline.student.stream import Order
 from pipeline.student.tasks import Task
 from pipeline.student.worker import load_checkpoint, train_loop_per_worker
 
@@ -62,11 +65,13 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     if not resume:
         rundir.write_config(run_dir, cfg.model_dump(mode="json"))
     ensure_ray(address)
-    with quiet_data_context():
-        datasets = load_datasets(cache_uri, manifest, task.columns(), cfg.in_memory, log)
-    trainer = _trainer(cfg, manifest, datasets)
+    data = plan(cache_uri, manifest, task, cfg.in_memory, cfg.num_workers, log)
+    per_epoch = Order(tuple(n for _, n in data["shards"]["train"]), cfg.batch_size, cfg.seed).steps_per_epoch
+    total = total_steps(cfg, per_epoch, cfg.batch_size * units_per_row(cache_uri, manifest, task) if cfg.max_tokens else None)
+    trainer = _trainer(cfg, manifest, {**data, "total_steps": total})
     log(f"training {cfg.name}: {cfg.student.factory} on cache {manifest.cache_id} "
-        f"({manifest.rows_by_split['train']} train rows), {cfg.num_workers} workers, {cfg.epochs} epochs")
+        f"({manifest.rows_by_split['train']} train rows), {cfg.num_workers} workers ({cfg.parallel}, {cfg.precision}), "
+        f"{total} steps of {cfg.batch_size} rows ({total / per_epoch:.3g} epochs)")
     started = time.time()
     try:
         result = trainer.fit()
@@ -79,7 +84,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     return TrainResult(run_dir=run_dir, result=out)
 
 
-def _trainer(cfg: TrainConfig, manifest: Manifest, datasets: dict[str, Any]):
+def _trainer(cfg: TrainConfig, manifest: Manifest, data: dict[str, Any]):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -89,15 +94,13 @@ def _trainer(cfg: TrainConfig, manifest: Manifest, datasets: dict[str, Any]):
         storage_fs, storage_path = storage.arrow_filesystem(cfg.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"),
+        train_loop_config={"train": cfg.model_dump(mode="json"), **data,
                            "manifest": manifest.model_copy(update={"shards": [], "config": {}}).model_dump(mode="json")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})},
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage_path,
@@ -120,10 +123,12 @@ def _result(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, ru
         history, student_state = state["history"], state.get("student")
     final = history[-1] if history else dict(result.metrics or {})
     weights_uri = storage.join(run_dir, rundir.STUDENT_FILE)
+    exported = None
     if student_state is not None:  # the bare student, loadable by its factory (e.g. as the next generation's teacher)
         buf = io.BytesIO()
         torch.save(student_state, buf)
         storage.write_bytes_atomic(weights_uri, buf.getvalue())
+        exported = export_student(cfg, manifest, cache_uri, student_state, storage.join(run_dir, rundir.HF_DIR))
     checkpoint = None
     if result.checkpoint is not None:
         checkpoint = (result.checkpoint.path if storage.is_local(cfg.storage_path)
@@ -138,11 +143,17 @@ def _result(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, ru
         "temperature": cfg.loss.temperature,
         "loss_terms": cfg.loss.terms,
         "seed": cfg.seed,
-        "epochs": int(final.get("epoch", 0)),
+        "epochs": final.get("epoch", 0),
+        "steps": final.get("step", 0),
         "num_workers": cfg.num_workers,
+        "parallel": cfg.parallel,
+        "precision": cfg.precision,
+        "throughput": {k: final.get(k) for k in (f"{task.unit}_per_s", "samples_per_s", "data_wait_seconds", "train_seconds")},
+        "memory_per_worker": {k: final.get(k) for k in ("param_bytes", "optimizer_bytes")},
         "metrics": {**{k: final.get(k) for k in task.result_metrics},
                     **({"calibration": final["calibration"]} if final.get("calibration") else {})},
         "weights": weights_uri if student_state is not None else None,
+        "hf_model": exported,
         "workers_with_teacher": final.get("workers_with_teacher"),
         "wall_s": round(wall, 2),
         "history": history,

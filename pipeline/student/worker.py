@@ -1,4 +1,5 @@
-"""The code that runs in each Ray Train worker: restore, train epochs through the task seam, report.
+"""The code that runs in each Ray Train worker: restore, train optimizer steps through the task seam,
+evaluate and checkpoint every N steps, report.
 
 No teacher is ever built or imported here; each worker checks that and reports what it found.
 """
@@ -6,7 +7,6 @@ No teacher is ever built or imported here; each worker checks that and reports w
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -18,13 +18,18 @@ import torch
 from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS
-from pipeline.progress import Throttle, progress_line
+from pipeline.progress import Throttle
 from pipeline.runtime import quiet_train_worker
-from pipeline.student.datasets import timed
-from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student import parallel
+from pipeline.student.loop import make_optimizer, train_step
+from pipeline.student.precision import Precision
+from pipeline.student.schedule import scheduler
+from pipeline.student.stream import Order, ShardReader, in_order, train_batches
 from pipeline.student.tasks import Task, task_for
+from pipeline.student.window import Window
 
-CHECKPOINT_FILE = "state.pt"
+META_FILE = "meta.pt"  # step, history, scaler: rank 0's
+STUDENT_FILE = "student.pt"  # the gathered bare student, in the final checkpoint
 logger = logging.getLogger(__name__)
 
 
@@ -40,99 +45,126 @@ def teacher_evidence(teacher_factory: str | None, teacher_weights: str | None = 
     return found
 
 
-def save_checkpoint(directory: str, task: Task, model: torch.nn.Module, optimizer, epoch: int, history: list[dict]) -> None:
-    raw = model.module if hasattr(model, "module") else model
-    # "student" is the bare network (no adapters): what a later stage loads, e.g. as a born-again teacher.
-    torch.save({"model": raw.state_dict(), "student": task.student(raw).state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "history": history}, os.path.join(directory, CHECKPOINT_FILE))
-
-
 def load_checkpoint(directory: str) -> dict[str, Any]:
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    """Rank 0's metadata of a checkpoint, and the gathered student when it is the final one."""
+    state = torch.load(os.path.join(directory, META_FILE), map_location="cpu", weights_only=False)
+    path = os.path.join(directory, STUDENT_FILE)
+    if os.path.exists(path):
+        state["student"] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs in each Ray Train worker: `config` holds the train config and the cache's manifest."""
+    """Runs in each Ray Train worker: `config` holds the train config, the manifest, the shards and the step budget."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     quiet_train_worker()
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     manifest = Manifest.model_validate(config["manifest"])
     task = task_for(cfg, manifest)
-    model = ray.train.torch.prepare_model(task.build_model())
+    model = parallel.wrap(task.build_model(), cfg.parallel, device)
     opt = cfg.optimizer
     optimizer = make_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.momentum)
+    total = int(config["total_steps"])
+    schedule = scheduler(optimizer, cfg, total)
+    precision = Precision(cfg.precision, device)
 
-    start_epoch, history = 0, []
+    step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(d)
-        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-    resumed_from = start_epoch
+            parallel.load(d, model, optimizer)
+            meta = load_checkpoint(d)
+        step, history = meta["step"], meta["history"]
+        schedule.load_state_dict(meta["scheduler"])
+        precision.load_state_dict(meta["scaler"])
+    resumed_from = step
 
     # Checked inside the worker: how many workers show any sign of a teacher.
     evidence = teacher_evidence(manifest.teacher.factory, manifest.teacher.weights)
-    flag = torch.tensor([1.0 if evidence else 0.0])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag)
-    workers_with_teacher = int(flag.item())
+    workers_with_teacher = int(_all_sum([1.0 if evidence else 0.0])[0])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if manifest.rows_by_split.get("val", 0) else None
-    per_worker_batch = max(1, cfg.batch_size // world)
-    steps_per_epoch = math.ceil(manifest.rows_by_split["train"] / world / per_worker_batch)
+    shards = config["shards"]
+    keep = bool(config["in_memory"])
     dtypes = task.dtypes()
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        # Rank 0 prints a step line every 10 s within long epochs (through logging: shows in `ray job logs`).
-        throttle = Throttle(logger.info, every=10.0)
-        throttle.last = time.monotonic()
+    train = ShardReader(config["cache_uri"], [p for p, _ in shards["train"]], task.columns(), dtypes, keep)
+    val = ShardReader(config["cache_uri"], [p for p, _ in shards["val"]], task.columns(), dtypes, keep) if shards["val"] else None
+    order = Order(tuple(n for _, n in shards["train"]), cfg.batch_size, cfg.seed)
+    per_epoch = order.steps_per_epoch
+    checkpoint_every = cfg.checkpoint_every or per_epoch
+    eval_every = cfg.eval_every or per_epoch
+    window = Window(task.unit)
+    throttle = Throttle(logger.info, every=10.0)
+    throttle.last = time.monotonic()
 
-        def on_step(step: int, samples: int, epoch: int = epoch, started: float = started, throttle: Throttle = throttle) -> None:
-            if rank == 0:
-                throttle(lambda: f"epoch {epoch + 1}/{cfg.epochs}  " + progress_line(
-                    "step", step, steps_per_epoch, time.time() - started, unit="steps").removeprefix("step: "))
-
-        batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, dtypes=dtypes, prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 100_003 + epoch * 101 + rank) if cfg.shuffle_buffer else None,
-        )
-        waited = [0.0]
-        stats = train_epoch(model, timed(batches, waited), task, optimizer, on_step)
-        train_s = time.time() - started
-        evaluated = (task.evaluate(model, val_shard.iter_torch_batches(batch_size=task.eval_batch_size, dtypes=dtypes))
-                     if val_shard is not None else {})
+    def report(final: bool) -> None:
+        """Evaluate (at eval steps), then hand Ray Train the metrics and (at checkpoint steps) every worker's shard."""
+        rows, units, waited = _all_sum([window.rows, float(window.units), window.waited])
+        train_s = time.time() - window.started
+        memory = parallel.local_bytes(model, optimizer)  # before evaluation, which unshards FSDP's root
+        evaluate = final or step % eval_every == 0
+        eval_started = time.time()
+        evaluated = task.evaluate(model, in_order(val, task.eval_batch_size)) if val is not None and evaluate else {}
+        parallel.reshard(model)
         calibration = evaluated.pop("calibration", None)
-        metrics = {
-            "epoch": epoch + 1,
-            **stats,
-            "train_seconds": train_s,
-            "eval_seconds": time.time() - started - train_s,
-            "samples_per_s": stats["train_samples"] * world / max(train_s, 1e-9),
-            "data_wait_seconds": waited[0],  # of train_seconds (this worker): the student waiting on data
-            **evaluated,
-            "workers_with_teacher": workers_with_teacher,
-            "resumed_from_epoch": resumed_from,  # > 0 after a restart from a checkpoint
-        }
+        metrics = {"step": step, "epoch": round(step / per_epoch, 4), **window.means(), "train_samples": int(rows),
+                   f"train_{task.unit}": int(units), "train_seconds": train_s,
+                   f"{task.unit}_per_s": units / max(train_s, 1e-9), "samples_per_s": rows / max(train_s, 1e-9),
+                   "data_wait_seconds": waited / world,  # mean over workers, of train_seconds
+                   "eval_seconds": time.time() - eval_started, "lr": schedule.get_last_lr()[0], **evaluated,
+                   "workers_with_teacher": workers_with_teacher, "resumed_from_step": resumed_from, **memory}
         history.append({**metrics, "calibration": calibration})
+        save = final or step % checkpoint_every == 0
         with tempfile.TemporaryDirectory() as d:
+            if save:
+                parallel.save(d, model, optimizer)
+                student = parallel.full_state(model) if final else None
+                if rank == 0:
+                    torch.save({"step": step, "history": history, "scheduler": schedule.state_dict(),
+                                "scaler": precision.state_dict()}, os.path.join(d, META_FILE))
+                    if student is not None:
+                        prefix = parallel.prefix_of(model, task.student(parallel.bare(model)))
+                        torch.save({k[len(prefix):]: v for k, v in student.items() if k.startswith(prefix)},
+                                   os.path.join(d, STUDENT_FILE))
+            if rank == 0 and evidence:
+                metrics["teacher_evidence"] = "; ".join(evidence)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if save else None)
+        if rank == 0 and evaluate:  # through logging: Ray Train would print() twice (stdout and its console handler)
+            logger.info(f"step {step}/{total} (epoch {metrics['epoch']:g})  loss {metrics.get('train_loss', float('nan')):.4f}  "
+                        f"{task.summary(evaluated)}  {metrics[f'{task.unit}_per_s']:,.0f} {task.unit}/s, "
+                        f"{metrics['data_wait_seconds']:.1f}s of {train_s:.1f}s waiting for data")
+        window.reset()
+
+    while step < total:
+        epoch, first = divmod(step, per_epoch)
+        stop = min(per_epoch, first + total - step)
+        batches = train_batches(train, order, epoch, first, stop, rank, world, cfg.grad_accum_steps)
+        for micro in window.timed(batches):
+            # Seeded per step, so dropout draws the same masks whether or not the run was resumed.
+            torch.manual_seed(hash((cfg.seed, step, rank)) % (2**63))
+            parts, rows, units = train_step(model, micro, task, optimizer, precision, opt.grad_clip,
+                                            lambda last: parallel.sync(model, last))
+            schedule.step()
+            step += 1
+            window.add(parts, rows, units)
             if rank == 0:
-                save_checkpoint(d, task, model, optimizer, epoch + 1, history)
-                if evidence:
-                    metrics["teacher_evidence"] = "; ".join(evidence)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
-        if rank == 0:  # through logging: Ray Train would print() twice (stdout and its console handler)
-            logger.info(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats.get('train_loss', float('nan')):.4f}  "
-                        f"{task.summary(evaluated)}  ({train_s:.1f}s train of which {waited[0]:.1f}s waiting for data, "
-                        f"{metrics['eval_seconds']:.1f}s eval, {time.time() - started:.1f}s epoch)")
+                throttle(lambda: window.line(step, total, per_epoch))
+            if step % eval_every == 0 or step % checkpoint_every == 0 or step == total:
+                report(final=step == total)
+    train.close()
+    if val is not None:
+        val.close()

@@ -20,10 +20,17 @@ from tests.conftest import DIGITS_KD, write_yaml
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 
-def _train_yaml(digits_stage1, tmp_path, name, epochs):
+def _train_yaml(digits_stage1, tmp_path, name, epochs, **extra):
     data = yaml.safe_load(open(DIGITS_KD))
-    data.update(precompute=digits_stage1["config_path"], storage_path=str(tmp_path / "runs"), name=name, epochs=epochs)
+    data.update(precompute=digits_stage1["config_path"], storage_path=str(tmp_path / "runs"), name=name, epochs=epochs, **extra)
     return write_yaml(tmp_path / f"{name}.yaml", data)
+
+
+# Every mechanism of a long run at once: sharded student, bf16 autocast, accumulation, clipping,
+# warmup + cosine decay, a step budget ending mid-epoch, checkpoints every 7 of the 22 steps of an epoch.
+AT_SCALE = {"parallel": "fsdp", "precision": "bf16", "grad_accum_steps": 2, "max_steps": 300,
+            "checkpoint_every": 7, "eval_every": 50, "num_workers": 2,
+            "optimizer": {"name": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 20, "grad_clip": 1.0}}
 
 
 def _wait_for_checkpoint(run_dir, timeout=240):
@@ -33,34 +40,41 @@ def _wait_for_checkpoint(run_dir, timeout=240):
     while time.time() < deadline:
         if snapshot.exists() and "checkpoint_" in snapshot.read_text():
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"no checkpoint was registered in {run_dir}")
 
 
-def _check_complete(run_dir, epochs):
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["epochs"] == epochs
-    assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
-    assert any(h["resumed_from_epoch"] > 0 for h in result["history"])  # a restart really happened
-    assert result["metrics"]["val_accuracy"] > 0.5
-    return result
-
-
-def test_killed_worker_restarts_from_latest_checkpoint(digits_stage1, tmp_path):
+def test_killed_worker_resumes_mid_epoch_to_the_same_bits(digits_stage1, tmp_path):
+    """A worker killed mid-epoch: the run goes on from the last step checkpoint and ends with the
+    very student, bit for bit, of a run that was never interrupted."""
+    import torch
     from ray.util.state import list_actors
 
-    path = _train_yaml(digits_stage1, tmp_path, "kill-worker", epochs=25)
+    assert main(["train", _train_yaml(digits_stage1, tmp_path, "straight", epochs=20, **AT_SCALE)]) == 0
+    path = _train_yaml(digits_stage1, tmp_path, "killed", epochs=20, **AT_SCALE)
     codes = []
     thread = threading.Thread(target=lambda: codes.append(main(["train", path])))
     thread.start()
-    run_dir = tmp_path / "runs" / "kill-worker"
+    run_dir = tmp_path / "runs" / "killed"
     _wait_for_checkpoint(run_dir)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
     assert workers, "no live train worker found"
-    os.kill(workers[0].pid, signal.SIGKILL)
+    os.kill(workers[-1].pid, signal.SIGKILL)
     thread.join(timeout=360)
     assert codes == [0]
-    _check_complete(run_dir, 25)
+    killed = json.loads((run_dir / "result.json").read_text())
+    straight = json.loads((tmp_path / "runs" / "straight" / "result.json").read_text())
+    resumed = [h["resumed_from_step"] for h in killed["history"] if h["resumed_from_step"]]
+    assert resumed and resumed[0] % 7 == 0 and resumed[0] % 22, "a restart from a mid-epoch step checkpoint"
+    assert killed["steps"] == straight["steps"] == 300
+    a = torch.load(run_dir / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "straight" / "student.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert killed["metrics"]["val_accuracy"] == straight["metrics"]["val_accuracy"] > 0.8
+    # FSDP: each of the two workers holds half the parameters and half the optimizer state.
+    full = sum(v.numel() * 4 for v in b.values())
+    assert killed["memory_per_worker"]["param_bytes"] == pytest.approx(full / 2, rel=0.02)
+    assert killed["memory_per_worker"]["optimizer_bytes"] == pytest.approx(full, rel=0.02)  # AdamW: 2 moments
 
 
 def test_killed_driver_then_resume_finishes_all_epochs(digits_stage1, tmp_path):
@@ -82,32 +96,37 @@ def test_killed_driver_then_resume_finishes_all_epochs(digits_stage1, tmp_path):
     assert main(["train", str(tmp_path / "runs" / "new-name")]) == 2  # a config path is needed, or --resume
     assert main(["train", path]) == 2  # the run exists: resume it or overwrite it
     assert main(["train", "--resume", str(run_dir)]) == 0
-    _check_complete(run_dir, 25)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epochs"] == 25 and result["history"][-1]["step"] == 25 * 22
+    assert any(h["resumed_from_step"] > 0 for h in result["history"])  # a restart really happened
+    assert result["metrics"]["val_accuracy"] > 0.5
     # Resuming a finished run does no work and keeps the result.
     before = (run_dir / "result.json").read_text()
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert (run_dir / "result.json").read_text() == before
 
 
-def test_half_written_checkpoint_is_never_resumed(digits_stage1, tmp_path):
-    path = _train_yaml(digits_stage1, tmp_path, "partial", epochs=2)
+def test_sharded_run_resumes_on_another_worker_count_and_skips_half_written_checkpoints(digits_stage1, tmp_path):
+    """Two FSDP workers stop at step 44; one worker carries on from their sharded checkpoint to 88,
+    never from a newer checkpoint that was cut off while being written."""
+    path = _train_yaml(digits_stage1, tmp_path, "partial", epochs=2, parallel="fsdp", num_workers=2)
     assert main(["train", path]) == 0
     run_dir = tmp_path / "runs" / "partial"
     newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    # A checkpoint interrupted while being written: newer name, truncated state, never registered.
+    assert sorted(f.name for f in (newest / "model").iterdir() if f.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
     broken = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
     shutil.copytree(newest, broken)
-    with open(broken / "state.pt", "r+b") as f:
+    with open(broken / "meta.pt", "r+b") as f:
         f.truncate(100)
-    # Continue the run for two more epochs from where it stopped.
     os.remove(run_dir / "result.json")
     config = json.loads((run_dir / "config.json").read_text())
-    config["epochs"] = 4
+    config.update(epochs=4, num_workers=1)
     (run_dir / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run_dir)]) == 0
     result = json.loads((run_dir / "result.json").read_text())
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
-    assert result["history"][-1]["resumed_from_epoch"] == 2
+    assert [h["step"] for h in result["history"]] == [22, 44, 66, 88]
+    assert result["history"][-1]["resumed_from_step"] == 44 and result["num_workers"] == 1
+    assert result["metrics"]["val_accuracy"] > result["history"][0]["val_accuracy"] - 0.05
 
 
 def _heavy_precompute_yaml(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import TrainConfig
-from pipeline.student.datasets import in_memory_bytes, timed
+from pipeline.student.datasets import in_memory_bytes
+from pipeline.student.window import Window
 from tests.conftest import make_cache
 
 
@@ -41,16 +42,16 @@ def test_timed_counts_only_the_waits_for_batches():
             time.sleep(pause)
             yield i
 
-    waited = [0.0]
+    window = Window("samples")
     seen = []
-    for item in timed(slow(4, 0.05), waited):
+    for item in window.timed(slow(4, 0.05)):
         seen.append(item)
         time.sleep(0.1)  # the consumer's compute: not counted
     assert seen == [0, 1, 2, 3]
-    assert 0.19 <= waited[0] < 0.35
+    assert 0.19 <= window.waited < 0.35
 
 
 def test_in_memory_is_auto_by_default_and_settable():
     base = {"cache": "runs/cache/x", "student": {"factory": "pipeline.models.builtin:mlp"}}
-    assert TrainConfig.model_validate(base).in_memory is None
+    assert TrainConfig.model_validate(base).in_memory == "auto"
     assert TrainConfig.model_validate({**base, "in_memory": False}).in_memory is False

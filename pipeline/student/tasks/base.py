@@ -29,6 +29,7 @@ class Task(ABC):
     eval_batch_size: int = 1024
     # The metrics `result.json` keeps from the final evaluation (beside the full history).
     result_metrics: tuple[str, ...] = ()
+    unit: str = "samples"  # what throughput counts: samples, or target tokens for language models
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest) -> None:
         self.cfg = cfg
@@ -62,6 +63,10 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
         """Validation metrics over these batches (a worker's share of the val split)."""
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        """How many `unit`s a batch trains on (a tensor: counted without a device sync)."""
+        return torch.tensor(len(next(iter(batch.values()))))
 
     def student(self, model: nn.Module) -> nn.Module:
         """The bare student inside the trained module: what `student.pt` holds and a later stage loads."""

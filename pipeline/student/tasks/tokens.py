@@ -25,6 +25,7 @@ from pipeline.cache.schema import (
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, output_width
+from pipeline.models.hf import saved_tokenizer
 from pipeline.student.tasks.base import Batch, Task
 from pipeline.student.token_losses import (
     full_kd_loss,
@@ -45,6 +46,7 @@ class TokenTask(Task):
 
     name = "tokens"
     eval_batch_size = 64
+    unit = "tokens"
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest) -> None:
         super().__init__(cfg, manifest)
@@ -75,6 +77,7 @@ class TokenTask(Task):
                 raise DistillError(f"the {signal.mode} cache {manifest.cache_id} serves temperatures {temps}, not {loss.temperature}",
                                    f"set loss.temperature to one of {temps}, or precompute with it in outputs.logits.temperatures")
         spec = self.cfg.student
+        self._check_tokenizer()
         try:
             width = output_width(self.build_model(), tuple(manifest.input_shape))
         except (RuntimeError, ValueError, IndexError) as e:
@@ -85,6 +88,20 @@ class TokenTask(Task):
             raise DistillError(f"student {spec.factory} has a vocabulary of {width}, cache {manifest.cache_id} of "
                                f"{manifest.num_classes} (tokenizer {tokenizer})",
                                f"build the student with num_classes={manifest.num_classes}, the cache's tokenizer.json")
+
+    def _check_tokenizer(self) -> None:
+        """An HF student saved with its own tokenizer must share the cache's, token for token."""
+        path, record = self.cfg.student.kwargs.get("path"), self.manifest.dataset.tokenizer
+        uri = saved_tokenizer(str(path)) if path and record else None
+        if uri is None:
+            return
+        from pipeline.data.tokenizer import load_tokenizer, tokenizer_digest
+
+        digest = tokenizer_digest(load_tokenizer(uri))
+        if digest != record.digest:  # type: ignore[union-attr]
+            raise DistillError(f"the student's tokenizer {uri} (digest {digest}) differs from the one cache "
+                               f"{self.manifest.cache_id} was made with (digest {record.digest}, {record.vocab_size} tokens)",  # type: ignore[union-attr]
+                               "train the student with the teacher's tokenizer, or precompute a cache with the student's")
 
     def columns(self) -> list[str]:
         return [INPUT_IDS, LENGTH, *self.signal.columns]
@@ -109,6 +126,9 @@ class TokenTask(Task):
 
     def model_inputs(self, batch: Batch) -> torch.Tensor:
         return self.sequence(batch)[0][:, :-1]
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return self.sequence(batch)[1].sum()
 
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
         logits, signal = output, self.signal

@@ -30,6 +30,10 @@ class TeacherRecord(Record):
     weights: str | None = None
     weights_sha256: str | None = None
     files_sha256: str | None = None  # a saved Hugging Face model directory
+    # Language-model teachers: the width of the model's logits, and how many of its rows past the
+    # tokenizer's vocabulary (padding of the embedding) were dropped at capture.
+    logit_width: int | None = None
+    dropped_logit_rows: int = 0
 
 
 class SplitRecord(Record):

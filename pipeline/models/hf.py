@@ -19,19 +19,28 @@ class HFCausalLM(nn.Module):
     """An HF `*ForCausalLM` whose forward returns the logits tensor; the HF model is `self.model`,
     so taps name its modules as `model.<HF name>` (e.g. `model.transformer.h.0`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keep: int | None = None) -> None:
         super().__init__()
         self.model = model
+        # Logit rows past the tokenizer's vocabulary (an embedding padded to a multiple of 64 or
+        # 128: 152,064 logits for 151,936 tokens) are dropped here, so no id ever points at one.
+        self.keep = keep
+
+    @property
+    def dropped_logits(self) -> int:
+        return _vocab_size(self.model) - self.keep if self.keep else 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids.long(), use_cache=False).logits
+        # A model spread over GPUs by device_map takes its inputs on the first layer's device.
+        logits = self.model(input_ids=input_ids.long().to(self.model.device), use_cache=False).logits
+        return logits[..., :self.keep] if self.keep else logits
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
-                 dtype: str | None = None) -> nn.Module:
+                 dtype: str | None = None, device_map: str | dict | None = None) -> nn.Module:
     """Load `AutoModelForCausalLM.from_pretrained` from a saved directory, never from the Hub.
 
     Args:
@@ -41,6 +50,8 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
             with another vocabulary size is a DistillError naming both.
         input_shape: (L,); longer than the model's position table is a DistillError.
         dtype: "float32", "bfloat16" or "float16"; default: as saved.
+        device_map: passed to from_pretrained ("auto": layers placed across the process's GPUs,
+            for a teacher larger than one GPU; needs the accelerate package).
 
     Returns:
         `HFCausalLM`: input_ids (B, L) -> logits (B, L, V).
@@ -53,6 +64,8 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
     if dtype is not None and dtype not in _DTYPES:
         raise DistillError(f"unknown dtype {dtype!r} for {path}", f"use one of {list(_DTYPES)}")
     kwargs: dict[str, object] = {"local_files_only": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if dtype is not None:
         # transformers 5 names it `dtype`; 4.x (before 4.56) only knows `torch_dtype`.
         kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = _DTYPES[dtype]
@@ -68,7 +81,7 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
             model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     model.eval()
     vocab = _vocab_size(model)
-    if num_classes is not None and num_classes != vocab:
+    if num_classes is not None and num_classes > vocab:
         raise DistillError(
             f"vocabulary mismatch: the model at {path} predicts {vocab} tokens but the pipeline expects {num_classes}",
             "teacher and student must share one tokenizer: train the student with the teacher's tokenizer "
@@ -78,7 +91,19 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
     if input_shape is not None and positions is not None and int(input_shape[0]) > positions:
         raise DistillError(f"windows of {input_shape[0]} tokens exceed the {positions} positions of the model at {path}",
                            f"use seq_len <= {positions}")
-    return HFCausalLM(model)
+    return HFCausalLM(model, keep=num_classes if num_classes is not None and num_classes < vocab else None)
+
+
+def hf_logit_width(path: str) -> int | None:
+    """The width of a saved model's logits (its config's vocab_size), without loading it."""
+    import json
+
+    uri = storage.join(path, "config.json")
+    if not storage.exists(uri):
+        return None
+    config = json.loads(storage.read_bytes(uri))
+    width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return int(width) if width else None
 
 
 def hf_causal_lm_config(model_type: str = "gpt2", num_classes: int | None = None,

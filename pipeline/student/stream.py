@@ -117,6 +117,7 @@ class ShardReader:
             column = table.column(c).combine_chunks()
             # Arrow's own fixed-shape tensors, or Ray Data's tensor type (whose to_numpy gives the ndarray).
             array = column.to_numpy_ndarray() if isinstance(column.type, pa.FixedShapeTensorType) else column.to_numpy(zero_copy_only=False)
+            array = array if array.flags.writeable else array.copy()  # read-only Arrow buffers
             out[c] = torch.from_numpy(np.ascontiguousarray(array)).to(self.dtypes[c])
         return out
 

@@ -10,13 +10,14 @@ import torch
 from pydantic import TypeAdapter
 
 from pipeline import storage
-from pipeline.cache.schema import INPUT_IDS, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
+from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
 from pipeline.config import FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
 from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
 from pipeline.teacher.generate import generate
+from pipeline.teacher.grouping import grouped_forward
 
 
 class TeacherPredictor:
@@ -31,10 +32,8 @@ class TeacherPredictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
             torch.set_num_threads(threads)
-        self.models = {
-            name: build_model(ModelSpec.model_validate(spec), input_shape=input_shape, num_classes=num_classes).to(self.device).eval()
-            for name, spec in teachers.items()
-        }
+        self.models = {name: self._build(ModelSpec.model_validate(spec), input_shape, num_classes)
+                       for name, spec in teachers.items()}
         parsed = [TapOutput.model_validate(t) for t in taps or []]
         # Grouped once per actor, not per batch; an unknown module fails here, listing the names.
         self.taps = {name: [t for t in parsed if t.teacher == name] for name in self.models}
@@ -42,6 +41,14 @@ class TeacherPredictor:
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
+
+    def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+        """The teacher on this actor's device; an HF teacher on an actor with several GPUs is spread
+        over them layer by layer (device_map="auto") instead of copied to one."""
+        if self.device.type == "cuda" and torch.cuda.device_count() > 1 and spec.factory.endswith(":hf_causal_lm"):
+            spec = spec.model_copy(update={"kwargs": {**spec.kwargs, "device_map": "auto"}})
+            return build_model(spec, input_shape=input_shape, num_classes=num_classes).eval()
+        return build_model(spec, input_shape=input_shape, num_classes=num_classes).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encoded outputs for the batch; a failure names the first row that fails on its own, so the
@@ -94,8 +101,9 @@ class TeacherPredictor:
             seq = generate(model, ids[:, :spec.prompt_tokens], spec.new_tokens, spec.strategy, spec.temperatures[0], gen)
             out[TEACHER_SEQUENCE] = seq.to(torch.int32).cpu().numpy()
             return out
+        lengths = np.asarray(batch[LENGTH]) if LENGTH in batch else np.full(len(ids), ids.shape[1])
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
-            logits = model(ids[:, :-1])
+            logits = grouped_forward(model, ids[:, :-1], lengths)
         if isinstance(spec, FullLogits):
             out[logits_column(name)] = encode_full_logits(logits.float(), spec.dtype)
         elif isinstance(spec, TopkLogits):

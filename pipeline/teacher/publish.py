@@ -22,7 +22,7 @@ from pipeline.cache.manifest import (
 )
 from pipeline.cache.schema import TOKEN_MODE_COLUMNS, TOKENIZER_FILE, logits_column, tap_column
 from pipeline.cache.shards import inspect_shard, list_shard_files, split_of_shard
-from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig, TextSource
+from pipeline.config import PRIMARY_TEACHER, ModelSpec, PrecomputeConfig, TextSource
 from pipeline.data.sources import SPLITS
 from pipeline.errors import DistillError
 from pipeline.teacher.identity import CacheTarget
@@ -71,7 +71,7 @@ def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) 
     manifest = Manifest(
         cache_id=target.cache_id,
         task="tokens" if text else "classification",
-        teachers={name: _teacher_record(target, name, t.weights) for name, t in cfg.all_teachers.items()},
+        teachers={name: _teacher_record(target, name, t, text) for name, t in cfg.all_teachers.items()},
         dataset={**target.identity["dataset"], **({"tokenizer": _save_tokenizer(target)} if text else {})},
         outputs=outputs_records(cfg, target, shapes, per_row),
         num_classes=target.source.num_classes,
@@ -89,10 +89,17 @@ def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) 
     return manifest
 
 
-def _teacher_record(target: CacheTarget, name: str, weights: str | None) -> TeacherRecord:
+def _teacher_record(target: CacheTarget, name: str, spec: ModelSpec, text: bool) -> TeacherRecord:
     identity: dict[str, Any] = (target.identity["teacher"] if name == PRIMARY_TEACHER
                                 else target.identity["outputs"]["teachers"][name])
-    return TeacherRecord(**identity, weights=weights)
+    width = None
+    if text:  # an HF teacher may have more logit rows than its tokenizer has tokens
+        from pipeline.models.hf import hf_logit_width
+
+        path = spec.kwargs.get("path")
+        width = (hf_logit_width(str(path)) if path and spec.factory.endswith(":hf_causal_lm") else None) or target.source.num_classes
+    return TeacherRecord(**identity, weights=spec.weights, logit_width=width,
+                         dropped_logit_rows=max((width or 0) - target.source.num_classes, 0))
 
 
 def _save_tokenizer(target: CacheTarget) -> dict[str, Any]:

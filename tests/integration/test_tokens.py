@@ -23,7 +23,7 @@ from pipeline.cache.schema import (
     TOPK_VALUES,
 )
 from pipeline.cli import main
-from pipeline.config import load_precompute_config
+from pipeline.config import ModelSpec, load_precompute_config
 from pipeline.data.sources import load_split
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.models.factory import build_model
@@ -163,7 +163,8 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny-gpt2"
-    config = transformers.GPT2Config(vocab_size=258, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    # 264 logits for the byte tokenizer's 258 tokens: an embedding padded past the vocabulary.
+    config = transformers.GPT2Config(vocab_size=264, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
     data = {"source": {**SOURCE, "max_bytes": 8000, "tokenizer": {"kind": "byte"}},
             "teacher": {"factory": "pipeline.models.hf:hf_causal_lm", "kwargs": {"path": str(model_dir)}},
@@ -175,9 +176,32 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     uri = resolve_target(cfg).uri
     m, table = _rows(uri, "train")
     assert m.num_classes == 258 and m.teacher.files_sha256
+    assert m.teacher.logit_width == 264 and m.teacher.dropped_logit_rows == 6
     ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:4].astype(np.int64)
     hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
     with torch.inference_mode():
-        expected = hf(torch.from_numpy(ids[:, :-1])).logits.topk(4, dim=-1)
+        expected = hf(torch.from_numpy(ids[:, :-1])).logits[..., :258].topk(4, dim=-1)
     stored = table.column(TOPK_VALUES).combine_chunks().to_numpy()[:4].astype(np.float32)
     np.testing.assert_allclose(stored, expected.values.numpy(), rtol=1e-2, atol=1e-2)
+
+    # An HF student built from a config, sharded over two workers in bf16, written with save_pretrained.
+    train = {"precompute": path, "loss": {"temperature": 1.0, "terms": {"kd": 0.5, "ce": 0.5}},
+             "student": {"factory": "pipeline.models.hf:hf_causal_lm_config",
+                         "kwargs": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2}},
+             "optimizer": {"name": "adamw", "lr": 0.01, "schedule": "linear", "warmup_steps": 2},
+             "max_steps": 12, "batch_size": 16, "num_workers": 2, "parallel": "fsdp", "precision": "bf16",
+             "storage_path": str(tmp_path / "runs"), "name": "hf-student"}
+    assert main(["train", write_yaml(tmp_path / "train-hf.yaml", train)]) == 0
+    run = tmp_path / "runs" / "hf-student"
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 12 and result["hf_model"] == str(run / "hf")
+    assert result["throughput"]["tokens_per_s"] > 0 and result["history"][-1]["train_tokens"] > 0
+    student = transformers.AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    assert tokenizer("def f():")["input_ids"] == load_tokenizer(f"{uri}/{TOKENIZER_FILE}").encode("def f():").ids
+    state = torch.load(run / "student.pt", weights_only=True)
+    wrapped = build_model(ModelSpec.model_validate(train["student"]), input_shape=(16,), num_classes=258)
+    wrapped.load_state_dict(state)
+    probe = torch.from_numpy(ids[:2, :-1])
+    with torch.inference_mode():
+        torch.testing.assert_close(student(probe).logits, wrapped.eval()(probe))

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-resume bench-topk bench-storage cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-resume bench-topk bench-storage cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -39,7 +39,10 @@ cluster-down:
 	deploy/local/down.sh
 
 bench: $(STAMP)
-	$(BIN)/python -m jobs.benchmarks.stages $(ARGS)
+	$(BIN)/python -m jobs.benchmarks.stages $(ARGS); s=$$?; $(BIN)/python -m jobs.benchmarks.scale; exit $$(( s || $$? ))
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.scale $(ARGS)
 
 bench-resume: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.resume

@@ -145,9 +145,10 @@ def _curves(runs: list[dict[str, Any]]) -> str:
     for i, (group, members) in enumerate(_groups(runs).items()):
         for k, r in enumerate(members):
             hist, label = r.get("history") or [], None if k else group  # seeds share a colour and one legend entry
-            epochs = [h.get("epoch") for h in hist]
-            loss_ax.plot(epochs, [h.get("train_loss") for h in hist], color=f"C{i % 10}", lw=1, label=label)
-            acc_ax.plot(epochs, [h.get("val_accuracy") for h in hist], color=f"C{i % 10}", lw=1)
+            # Reports at checkpoint steps between evaluations have no val_accuracy: each curve keeps its points.
+            for ax, key, lab in ((loss_ax, "train_loss", label), (acc_ax, "val_accuracy", None)):
+                points = [(h["epoch"], h[key]) for h in hist if h.get(key) is not None and h.get("epoch") is not None]
+                ax.plot([e for e, _ in points], [v for _, v in points], color=f"C{i % 10}", lw=1, label=lab)
     for j, acc in enumerate(sorted({a for a in _teachers(runs).values() if a is not None})):
         acc_ax.axhline(acc, color="k", ls="--", lw=0.8, label=None if j else "teacher")
     losses = [h["train_loss"] for r in runs for h in r.get("history") or [] if h.get("train_loss") is not None]

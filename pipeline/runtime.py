@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from pipeline.errors import DistillError
@@ -118,20 +117,6 @@ def configure_data_context() -> None:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-
-
-@contextmanager
-def quiet_data_context():
-    """Datasets built inside this block log no progress or plans (they run once per epoch in stage 2)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
 def quiet_train_worker() -> None:

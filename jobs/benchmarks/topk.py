@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                      "topk_tail": tail or "bucket"},
             "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01}, "epochs": args.epochs, "batch_size": args.batch_size,
             "num_workers": 1, "cpus_per_worker": 1, "storage_path": os.path.abspath(os.path.join(work, "runs")),
-            "seed": args.seed, "shuffle_buffer": 1024,
+            "seed": args.seed,
         })
         print(f"== {name}: student ==", flush=True)
         result = run_train(cfg, overwrite=True).result

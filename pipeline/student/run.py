@@ -52,6 +52,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         log(f"{cfg.name} already finished: {storage.join(run_dir, rundir.RESULT_FILE)}")
         return TrainResult(run_dir=run_dir, result=rundir.read_result(run_dir))
     cache_uri = resolve_cache_uri(cfg)
+    if storage.is_local(cache_uri):  # the workers read it from their own working directories
+        cache_uri = storage.local_path(cache_uri)
     storage.check_reachable(cache_uri, "cache")
     manifest, task = open_cache(cfg, cache_uri)
     if resume:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pipeline import storage
 from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS
@@ -25,7 +26,7 @@ from pipeline.student.loop import make_optimizer, train_step
 from pipeline.student.precision import Precision
 from pipeline.student.schedule import scheduler
 from pipeline.student.stream import Order, ShardReader, in_order, train_batches
-from pipeline.student.tasks import Task, task_for
+from pipeline.student.tasks import task_for
 from pipeline.student.window import Window
 
 META_FILE = "meta.pt"  # step, history, scaler: rank 0's
@@ -70,6 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     quiet_train_worker()
     cfg = TrainConfig.model_validate(config["train"])
+    storage.configure(**cfg.storage.model_dump())  # the shards are read here, through the run's endpoint
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -30,7 +30,7 @@ def cluster():
 @pytest.fixture
 def train_yaml(tmp_path, tiny_cache):
     path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump({"cache": tiny_cache, "student": {"factory": "pipeline.models.builtin:mlp"}, "epochs": 1,
+    path.write_text(yaml.safe_dump({"cache": tiny_cache, "student": {"factory": "pipeline.models.builtin:mlp"}, "epochs": 1, "batch_size": 16,
                                     "num_workers": 1, "storage_path": str(tmp_path / "runs"), "name": "secured"}))
     return str(path)
 

@@ -51,7 +51,7 @@ def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
     result = json.loads(fs.cat("distill/runs/s3-kd/result.json"))
     assert result["epochs"] == 2 and result["cache"].startswith("s3://distill/cache/")
     assert result["checkpoint"].startswith("s3://distill/runs/s3-kd/checkpoint_")
-    assert fs.exists(result["checkpoint"].removeprefix("s3://") + "/state.pt")
+    assert fs.exists(result["checkpoint"].removeprefix("s3://") + "/meta.pt")
 
 
 def test_missing_bucket_and_credentials_are_one_line(digits_stage1, s3, tmp_path, capsys, monkeypatch):

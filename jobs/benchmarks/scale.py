@@ -44,7 +44,7 @@ VOCAB = 2048
 TEACHER = {"n_embd": 256, "n_layer": 4, "n_head": 4}  # stage 1's teacher
 TINY_TEACHER = {"n_embd": 64, "n_layer": 2, "n_head": 2}  # the growth caches' teacher: 10x rows in minutes
 STUDENT = {"factory": "pipeline.models.hf:hf_causal_lm_config",
-           "kwargs": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}}
+           "kwargs": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "bos_token_id": 1, "eos_token_id": 1}}
 LOSS = {"temperature": 1.0, "terms": {"kd": 0.5, "ce": 0.5}}
 TARGETS = {"student_lm_efficiency": (0.9, "min"), "teacher_lm_efficiency": (0.8, "min"),
            "fsdp_memory_ratio": (0.6, "max"), "worker_rss_growth": (1.2, "max"), "actor_rss_growth": (1.2, "max"),
@@ -52,19 +52,22 @@ TARGETS = {"student_lm_efficiency": (0.9, "min"), "teacher_lm_efficiency": (0.8,
 
 
 class PeakRss:
-    """The largest resident set of any process whose command line contains `marker` (Ray titles its
-    processes `ray::RayTrainWorker...`, `ray::MapWorker(...)`), polled every 0.2 s on a thread."""
+    """The largest resident set (`peak`) and private memory (`peak_uss`: pages no other process
+    shares, so not the object store's shared memory the process has mapped) of any process whose
+    command line contains `marker` (Ray titles its processes `ray::RayTrainWorker...`,
+    `ray::MapWorker(...)`), polled every 0.2 s on a thread."""
 
     def __init__(self, marker: str) -> None:
-        self.marker, self.peak, self._stop = marker, 0, threading.Event()
+        self.marker, self.peak, self.peak_uss, self._stop = marker, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.2):
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
+            for p in psutil.process_iter(["cmdline"]):
                 try:
-                    if self.marker in " ".join(p.info["cmdline"] or []) and p.info["memory_info"]:
-                        self.peak = max(self.peak, p.info["memory_info"].rss)
+                    if self.marker in " ".join(p.info["cmdline"] or []):
+                        mem = p.memory_full_info()
+                        self.peak, self.peak_uss = max(self.peak, mem.rss), max(self.peak_uss, mem.uss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
 
@@ -81,7 +84,8 @@ def hf_teacher(path: str, size: dict[str, int]) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, **size)).save_pretrained(path)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, bos_token_id=1, eos_token_id=1, **size)
+    GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
 
@@ -123,7 +127,7 @@ def train(work: str, name: str, cache: str, **extra: Any) -> dict[str, Any]:
     return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in steady),
             "data_wait_share": sum(h["data_wait_seconds"] for h in steady) / sum(h["train_seconds"] for h in steady),
             "param_bytes": out["memory_per_worker"]["param_bytes"], "optimizer_bytes": out["memory_per_worker"]["optimizer_bytes"],
-            "peak_rss": rss.peak, "val_perplexity": out["metrics"]["val_perplexity"]}
+            "peak_rss": rss.peak, "peak_uss": rss.peak_uss, "val_perplexity": out["metrics"]["val_perplexity"]}
 
 
 def bare_student_tokens_per_s(cache: str, precision: str = "fp32", steps: int = 60) -> float:
@@ -152,15 +156,18 @@ def run(work: str, args: argparse.Namespace) -> dict[str, Any]:
     ensure_ray()
     report: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "device": "cpu",
                               "torch": torch.__version__}
-    # (c) stage 1 on the larger teacher; its tokenizer is reused by every other cache.
+    # The BPE tokenizer every cache shares, trained once on a small cache of the tiny teacher: a
+    # user's teacher comes with its tokenizer, so no timed run below trains one.
+    tiny = hf_teacher(os.path.join(work, "tiny-teacher"), TINY_TEACHER)
+    tokenizer = f"{run_precompute(precompute(work, 'tokenizer', tiny, args.bytes, None), log=lambda s: None).uri}/tokenizer.json"
+    # (c) stage 1 on the larger teacher, over 4x the text.
     teacher = hf_teacher(os.path.join(work, "teacher"), TEACHER)
-    cfg = precompute(work, "stage1", teacher, args.bytes, None)
+    cfg = precompute(work, "stage1", teacher, 4 * args.bytes, tokenizer)
     started = time.time()
     uri = run_precompute(cfg, log=lambda s: None).uri
     wall = time.time() - started
     tokens = read_manifest(uri).rows * SEQ
     bare = bare_teacher_tokens_per_s(teacher, uri)
-    tokenizer = f"{uri}/tokenizer.json"
     report["stage1"] = {"tokens": tokens, "tokens_per_s": tokens / wall, "bare_tokens_per_s": bare,
                         "teacher_lm_efficiency": tokens / wall / bare}
     print(json.dumps(report["stage1"]), flush=True)
@@ -177,7 +184,6 @@ def run(work: str, args: argparse.Namespace) -> dict[str, Any]:
     report["parallel"]["fsdp_memory_ratio"] = (f["param_bytes"] + f["optimizer_bytes"]) / (d["param_bytes"] + d["optimizer_bytes"])
     print(json.dumps(report["parallel"]), flush=True)
     # (d) growth: caches of 1x and 10x the rows from the tiny teacher, streamed by the student.
-    tiny = hf_teacher(os.path.join(work, "tiny-teacher"), TINY_TEACHER)
     growth = {}
     for scale in (1, 10):
         with PeakRss("MapWorker") as actor:
@@ -186,10 +192,12 @@ def run(work: str, args: argparse.Namespace) -> dict[str, Any]:
             wall = time.time() - started
         rows = result.manifest.rows
         got = train(work, f"growth-{scale}x", result.uri)
-        growth[f"{scale}x"] = {"rows": rows, "teacher_tokens_per_s": rows * SEQ / wall, "actor_peak_rss": actor.peak, **got}
+        growth[f"{scale}x"] = {"rows": rows, "teacher_tokens_per_s": rows * SEQ / wall, "actor_peak_rss": actor.peak,
+                               "actor_peak_uss": actor.peak_uss, **got}
         print(scale, json.dumps(growth[f"{scale}x"]), flush=True)
     one, ten = growth["1x"], growth["10x"]
     growth.update(worker_rss_growth=ten["peak_rss"] / one["peak_rss"], actor_rss_growth=ten["actor_peak_rss"] / one["actor_peak_rss"],
+                  worker_uss_growth=ten["peak_uss"] / one["peak_uss"], actor_uss_growth=ten["actor_peak_uss"] / one["actor_peak_uss"],
                   worker_throughput_growth=ten["tokens_per_s"] / one["tokens_per_s"])
     report["growth"] = growth
     return report
@@ -206,7 +214,7 @@ def markdown(report: dict[str, Any]) -> str:
     s1, s2, par, g = report["stage1"], report["stage2"], report["parallel"], report["growth"]
     mb = 1e6
     lines = [
-        "| stage 1: HF teacher (GPT-2 256d x 4 layers, vocab 2048, 64-token windows, top-32 uint8) | tokens/s | bare loop | ratio |",
+        "| stage 1: HF teacher (GPT-2 256d x 4 layers, vocab 2048, 64-token windows, top-32 uint8) | tokens/s | bare loop, same run | ratio |",
         "|---|---|---|---|",
         f"| {s1['tokens']:,} tokens, 1 actor, 1 thread, end to end | {s1['tokens_per_s']:,.0f} | {s1['bare_tokens_per_s']:,.0f} | **{s1['teacher_lm_efficiency']:.2f}** |",
         "",
@@ -221,11 +229,12 @@ def markdown(report: dict[str, Any]) -> str:
           for p in ("ddp", "fsdp")],
         f"| fsdp / ddp memory | | **{par['fsdp_memory_ratio']:.2f}** | |",
         "",
-        "| growth (streamed, in_memory: false) | rows | teacher actor peak RSS | train worker peak RSS | student tokens/s |",
+        "| growth (streamed, in_memory: false) | rows | teacher actor peak RSS (private) | train worker peak RSS (private) | student tokens/s |",
         "|---|---|---|---|---|",
-        *[f"| {k} | {g[k]['rows']:,} | {g[k]['actor_peak_rss'] / mb:,.0f} MB | {g[k]['peak_rss'] / mb:,.0f} MB | {g[k]['tokens_per_s']:,.0f} |"
-          for k in ("1x", "10x")],
-        f"| 10x / 1x | | **{g['actor_rss_growth']:.2f}** | **{g['worker_rss_growth']:.2f}** | **{g['worker_throughput_growth']:.2f}** |",
+        *[f"| {k} | {g[k]['rows']:,} | {g[k]['actor_peak_rss'] / mb:,.0f} MB ({g[k]['actor_peak_uss'] / mb:,.0f} MB) | "
+          f"{g[k]['peak_rss'] / mb:,.0f} MB ({g[k]['peak_uss'] / mb:,.0f} MB) | {g[k]['tokens_per_s']:,.0f} |" for k in ("1x", "10x")],
+        f"| 10x / 1x | {g['10x']['rows'] / g['1x']['rows']:.1f}x | **{g['actor_rss_growth']:.2f}** ({g['actor_uss_growth']:.2f}) | "
+        f"**{g['worker_rss_growth']:.2f}** ({g['worker_uss_growth']:.2f}) | **{g['worker_throughput_growth']:.2f}** |",
     ]
     return "\n".join(lines) + "\n"
 

@@ -63,6 +63,7 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
         raise DistillError("hf_causal_lm needs the transformers package", "pip install transformers") from None
     if dtype is not None and dtype not in _DTYPES:
         raise DistillError(f"unknown dtype {dtype!r} for {path}", f"use one of {list(_DTYPES)}")
+    _quiet()
     kwargs: dict[str, object] = {"local_files_only": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -118,6 +119,7 @@ def hf_causal_lm_config(model_type: str = "gpt2", num_classes: int | None = None
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise DistillError("hf_causal_lm_config needs the transformers package", "pip install transformers") from None
+    _quiet()
     settings = dict(config)
     if num_classes is not None:
         settings.setdefault("vocab_size", num_classes)
@@ -135,6 +137,13 @@ def saved_tokenizer(path: str) -> str | None:
     """The tokenizer.json saved beside an HF model directory, if any (to check a student's vocabulary)."""
     uri = storage.join(path, "tokenizer.json")
     return uri if storage.exists(uri) else None
+
+
+def _quiet() -> None:
+    """transformers draws a progress bar per load and save; distill prints its own lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _vocab_size(model: nn.Module) -> int:

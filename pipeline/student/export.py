@@ -23,6 +23,9 @@ def export_student(cfg: TrainConfig, manifest: Manifest, cache_uri: str, state: 
     if not isinstance(model, HFCausalLM):
         return None
     model.load_state_dict(state)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="hf-student-") as d:
         model.model.save_pretrained(d)
         record = manifest.dataset.tokenizer

@@ -14,13 +14,16 @@ from pipeline.cache.schema import SAMPLE_ID, SOURCE_DIR, SPLIT
 from pipeline.config import PrecomputeConfig
 from pipeline.data.sources import SPLITS, RowSource
 
+STAGE_BATCHES = 16
+
 
 def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tuple[str, int]:
     """Stage all source rows (standard columns plus `split`) once; returns (uri, number of files).
 
     A streamed source (a user's table) is standardised by Ray Data tasks; an in-memory one is
     written split by split, in several files, so more than one teacher actor has work, progress
-    is visible and a resumed run loses at most a file's worth of rows.
+    is visible, a resumed run loses at most a file's worth of rows, and an actor's memory does
+    not grow with the source.
     """
     import ray
 
@@ -39,7 +42,9 @@ def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tupl
             for split in SPLITS:
                 cols = rows.load_split(split)
                 n = len(cols[SAMPLE_ID])
-                step = max(cfg.batch_size, math.ceil(n / (4 * cfg.num_actors)))
+                # At most STAGE_BATCHES batches per file: a file is one Ray Data block, and an actor
+                # buffers a block's outputs, so its memory would otherwise grow with the source.
+                step = max(cfg.batch_size, min(math.ceil(n / (4 * cfg.num_actors)), STAGE_BATCHES * cfg.batch_size))
                 for i in range(0, n, step):
                     part = {name: arrow_column(values[i:i + step]) for name, values in cols.items()}
                     part[SPLIT] = pa.array([split] * len(part[SAMPLE_ID]), pa.string())

@@ -135,9 +135,10 @@ def encode_topk(
         lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=-1)
         stored = top.to(torch.float16).cpu().numpy()
     else:
-        # Relative to z_max: the shifted logsumexp is well conditioned and lands in [0, log V].
+        # Relative to z_max: the shifted logsumexp is well conditioned and lands in [0, log V]; the
+        # shift already makes every exponent <= 0, so log(sum(exp)) needs no second max pass.
         shifted = z - z_max
-        lse = torch.stack([torch.logsumexp(shifted / t, dim=-1) for t in temperatures], dim=-1)
+        lse = torch.stack([(shifted / t if t != 1 else shifted).exp().sum(-1).log() for t in temperatures], dim=-1)
         q = torch.round((z_max - top) / step).clamp_(0, _UINT8_MAX)  # -inf logits become 255 (rest)
         stored = q.to(torch.uint8).cpu().numpy()
     lse_host = lse.float().cpu().numpy()

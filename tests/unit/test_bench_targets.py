@@ -23,3 +23,13 @@ def test_each_missed_target_is_named_with_its_value():
 def test_a_gpu_asks_more_of_stage_1_and_sections_not_run_are_not_checked():
     assert check(_report(teacher=0.85), on_gpu=True) == ["teacher_stage_efficiency = 0.850, target >= 0.9"]
     assert check({"student_stage_efficiency": 0.95}, on_gpu=False) == []
+
+
+def test_the_scale_benchmark_names_each_ratio_that_misses():
+    from jobs.benchmarks.scale import missed
+
+    good = {"student_lm_efficiency": 0.95, "teacher_lm_efficiency": 0.85, "fsdp_memory_ratio": 0.5,
+            "worker_rss_growth": 1.05, "actor_rss_growth": 1.1, "worker_throughput_growth": 0.98}
+    assert missed(good) == []
+    bad = {**good, "teacher_lm_efficiency": 0.49, "actor_rss_growth": 1.59}
+    assert missed(bad) == ["teacher_lm_efficiency = 0.490, target >= 0.8", "actor_rss_growth = 1.590, target <= 1.2"]

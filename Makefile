@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-resume bench-topk bench-storage cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-storage cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.scale $(ARGS)
+
+bench-screen: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.screen $(ARGS)
 
 bench-resume: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.resume

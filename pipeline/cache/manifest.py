@@ -101,6 +101,8 @@ class SampledRecord(_Output):
     temperatures: list[float]
     proposal_temperature: float | None = None
     seed: int
+    estimator: Literal["multinomial", "priority", "head_tail"] = "multinomial"
+    head: int = 0
     shape: list[int]
     bytes_per_token: float
 

@@ -34,7 +34,8 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
         return 0
     print(f"cache {m.cache_id} (format v{m.format_version}, {m.task}) created {m.created}")
     for name, t in m.teachers.items():
-        print(f"  teacher  {name}: {t.factory} weights={t.weights} sha256={t.weights_sha256 or t.files_sha256}")
+        width = f" logits={t.logit_width} ({t.dropped_logit_rows} padded rows dropped)" if t.dropped_logit_rows else ""
+        print(f"  teacher  {name}: {t.factory} weights={t.weights} sha256={t.weights_sha256 or t.files_sha256}{width}")
     tokenizer = f" tokenizer={m.dataset.tokenizer.digest} ({m.dataset.tokenizer.vocab_size} tokens)" if m.dataset.tokenizer else ""
     print(f"  dataset  {m.dataset.kind} fingerprint={m.dataset.fingerprint}{tokenizer}")
     for out in m.outputs:
@@ -44,7 +45,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
             what = f"tap {out.name!r} ({out.kind} of {out.teacher} module {out.module!r}{pool}), {out.dtype} {out.shape}"
         else:
             detail = {"full": lambda o: o.dtype, "topk": lambda o: f"k={o.k} values={o.values} T={o.temperatures}",
-                      "sampled": lambda o: f"k={o.k} T={o.temperatures}",
+                      "sampled": lambda o: f"estimator={o.estimator}{f' head={o.head}' if o.head else ''} k={o.k} T={o.temperatures}",
                       "sequences": lambda o: f"{o.prompt_tokens} prompt + {o.new_tokens} {o.strategy} tokens"}[out.mode](out)
             what = f"{out.mode} logits of {out.teacher} ({detail}) {out.shape}"
         print(f"  output   {', '.join(out.columns)}: {what}, {size}")

@@ -63,6 +63,21 @@ class SampledLogits(Strict):
     temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     proposal_temperature: float | None = Field(None, gt=0)  # draw from softmax(z / this); default T
     seed: int = 0  # the draws are reproducible
+    # multinomial: k draws, weight count / k; priority: priority sampling (k kept, weight max(p, tau));
+    # head_tail: the `head` likeliest tokens exactly plus k - head draws from the rest (see
+    # pipeline/teacher/estimators.py). All are unbiased estimates of p_T.
+    estimator: Literal["multinomial", "priority", "head_tail"] = "multinomial"
+    head: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _estimator_fields(self) -> "SampledLogits":
+        if self.estimator == "head_tail" and not 0 < self.head < self.k:
+            raise ValueError("`head_tail` needs 0 < head < k")
+        if self.estimator != "head_tail" and self.head:
+            raise ValueError("`head` is for the head_tail estimator")
+        if self.estimator != "multinomial" and self.proposal_temperature is not None:
+            raise ValueError("`proposal_temperature` is for the multinomial estimator")
+        return self
 
     @field_validator("temperatures")
     @classmethod
@@ -189,5 +204,15 @@ class PrecomputeConfig(Strict):
         """What this config asks the cache to hold, with local paths absolute and nothing hashed or read:
         how stage 2 finds the cache a precompute config produced (see pipeline.cache.index)."""
         cfg = self.with_absolute_paths()
-        return cfg.model_dump(mode="json", include={"source", "outputs"}) | {
+        dumped = cfg.model_dump(mode="json", include={"source", "outputs"})
+        dumped["outputs"]["logits"] = content_fields(dumped["outputs"]["logits"])
+        return dumped | {
             "teachers": {name: t.model_dump(mode="json", exclude={"fit"}) for name, t in cfg.all_teachers.items()}}
+
+
+def content_fields(logits: dict[str, Any]) -> dict[str, Any]:
+    """A dumped logits block without fields at a default that older caches were made without
+    (the multinomial estimator), so their keys and recipes do not change."""
+    if logits.get("mode") == "sampled" and logits.get("estimator") == "multinomial":
+        return {k: v for k, v in logits.items() if k not in ("estimator", "head")}
+    return logits

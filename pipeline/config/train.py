@@ -111,6 +111,9 @@ class TrainConfig(Strict):
     storage: StorageOptions = Field(default_factory=StorageOptions)
     job: JobOptions = Field(default_factory=JobOptions)
     seed: int = 0  # the student's init and the data order (shards and rows shuffled per epoch from it)
+    # Shards whose rows are shuffled together (one window at a time); more mix rows written in the
+    # source's order better, each costs a decoded shard of a streaming worker's memory. 0: all.
+    shuffle_shards: int = Field(8, ge=0)
     # Keep the decoded shards in each worker after their first read instead of streaming them again
     # every epoch. auto: when a worker's share of both splits is small (see docs/methods.md).
     in_memory: bool | Literal["auto"] = "auto"

@@ -3,14 +3,16 @@
 Why not Ray Data's `streaming_split`: it hands blocks to whichever worker asks first, so the rows a
 worker sees differ from run to run and a run cannot resume in the middle of an epoch (Ray 2.60 has
 no dataset checkpoint). Here the order is a pure function of (seed, epoch): shards are permuted,
-then the rows of each shard. Global step s of an epoch is rows [s*B, (s+1)*B) of that order, and
+then the rows of each window of several shards together. Global step s of an epoch is rows [s*B, (s+1)*B) of that order, and
 worker r of W takes its contiguous part of them; so a run resumed at step s, with the same or
 another number of workers, trains on exactly the rows it had not, and a worker holds at most the
-shard it reads and the next (read ahead on a thread) unless `in_memory` keeps them all.
+shards of the window it reads and of the next (read ahead on a thread) unless `in_memory` keeps
+them all.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,11 +28,18 @@ Columns = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Order:
-    """The seeded row order of one split; `batch_size` global rows per optimizer step."""
+    """The seeded row order of one split; `batch_size` global rows per optimizer step.
+
+    Shards are permuted, then taken `window` at a time; the rows of a window's shards are
+    permuted together. A window of one shard would keep a shard's rows together, and shards
+    written in the source's order (MNIST sorted by label: three classes a shard) would then give
+    batches of three classes; a window of several mixes them, at the memory of its decoded shards.
+    """
 
     shard_rows: tuple[int, ...]
     batch_size: int
     seed: int
+    window: int = 8
 
     @property
     def steps_per_epoch(self) -> int:
@@ -41,17 +50,30 @@ class Order:
     def shards(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_rows))
 
-    def rows(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard + 1]).permutation(self.shard_rows[shard])
+    def windows(self, epoch: int) -> list[list[int]]:
+        order = [int(s) for s in self.shards(epoch)]
+        return [order[i:i + self.window] for i in range(0, len(order), max(self.window, 1))]
 
-    def spans(self, epoch: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
-        """(shard, start, stop) positions in the shards' permuted rows covering [lo, hi) of the epoch."""
+    def window_rows(self, epoch: int, index: int, shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each position of window `index`, in its permuted order."""
+        return self._window_rows(epoch, index, tuple(shards))
+
+    @functools.lru_cache(maxsize=4)  # every step of a window reads it; computed once per window
+    def _window_rows(self, epoch: int, index: int, shards: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        sizes = np.array([self.shard_rows[s] for s in shards])
+        perm = np.random.default_rng([self.seed, epoch, index + 1]).permutation(int(sizes.sum()))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        which = np.searchsorted(starts, perm, side="right") - 1
+        return np.asarray(shards)[which], perm - starts[which]
+
+    def spans(self, epoch: int, lo: int, hi: int) -> list[tuple[int, int, int, list[int]]]:
+        """(window index, start, stop, its shards) covering positions [lo, hi) of the epoch."""
         out, pos = [], 0
-        for shard in self.shards(epoch):
-            n = self.shard_rows[shard]
+        for index, shards in enumerate(self.windows(epoch)):
+            n = sum(self.shard_rows[s] for s in shards)
             a, b = max(lo, pos), min(hi, pos + n)
             if a < b:
-                out.append((int(shard), a - pos, b - pos))
+                out.append((index, a - pos, b - pos, shards))
             pos += n
             if pos >= hi:
                 break
@@ -128,10 +150,17 @@ class ShardReader:
 def gather(reader: ShardReader, order: Order, epoch: int, lo: int, hi: int) -> Columns:
     """Rows [lo, hi) of the epoch's order as one batch of column tensors."""
     parts = []
-    for shard, a, b in order.spans(epoch, lo, hi):
-        idx = torch.from_numpy(order.rows(epoch, shard)[a:b])
-        cols = reader.get(shard)
-        parts.append({c: t[idx] for c, t in cols.items()})
+    for index, a, b, shards in order.spans(epoch, lo, hi):
+        shard_of, row_of = order.window_rows(epoch, index, shards)
+        shard_of, row_of = shard_of[a:b], row_of[a:b]
+        pieces, positions = [], []
+        for s in np.unique(shard_of):
+            at = np.nonzero(shard_of == s)[0]
+            cols = reader.get(int(s))
+            pieces.append({c: t[torch.from_numpy(row_of[at])] for c, t in cols.items()})
+            positions.append(at)
+        back = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable"))
+        parts.append({c: torch.cat([p[c] for p in pieces])[back] for c in pieces[0]})
     if len(parts) == 1:
         return parts[0]
     return {c: torch.cat([p[c] for p in parts]) for c in parts[0]}
@@ -140,13 +169,13 @@ def gather(reader: ShardReader, order: Order, epoch: int, lo: int, hi: int) -> C
 def train_batches(reader: ShardReader, order: Order, epoch: int, start: int, stop: int, rank: int, world: int,
                   micro: int = 1) -> Iterator[list[Columns]]:
     """For each step in [start, stop) of `epoch`: this worker's rows as `micro` micro-batches."""
-    shards = [int(s) for s in order.shards(epoch)]
+    windows = order.windows(epoch)
     for step in range(start, stop):
         lo, hi = order.worker_rows(step, rank, world)
         spans = order.spans(epoch, lo, hi)
-        # The shards of this step and the next one after it: read ahead, the rest released.
-        first = shards.index(spans[0][0])
-        reader.want(shards[first:first + len(spans) + 1])
+        # The shards of this step's windows and of the next window: read ahead, the rest released.
+        last = spans[-1][0]
+        reader.want([s for w in windows[spans[0][0]:last + 2] for s in w])
         batch = gather(reader, order, epoch, lo, hi)
         n = hi - lo
         yield [{c: t[s] for c, t in batch.items()} for s in micro_slices(n, micro)]

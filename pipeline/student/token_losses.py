@@ -179,6 +179,7 @@ def sampled_kd_loss(
     weights: torch.Tensor,
     mask: torch.Tensor,
     temperature: float,
+    renormalise: bool = True,
 ) -> torch.Tensor:
     """Sampled KD (Anshumann et al., 2025): T^2 * (-sum_i w_i log softmax(s / T)_{idx_i}), masked mean.
 
@@ -193,6 +194,9 @@ def sampled_kd_loss(
         weights: (B, L, k) SAMPLED_WEIGHTS.
         mask: (B, L) target positions that count.
         temperature: T > 0, the one the cache was sampled at.
+        renormalise: scale the weights to sum to 1 per token (they do by construction, up to
+            float16 rounding); off for priority sampling, whose weights sum to 1 only in
+            expectation: scaling them would bias the gradient, which is (sum w) q - w.
 
     Returns:
         Scalar loss.
@@ -201,7 +205,8 @@ def sampled_kd_loss(
     dtype = _compute_dtype(student_logits)
     indices = keep_masked(indices.long(), mask).clamp(0, vocab - 1)
     w = keep_masked(weights.to(dtype), mask)
-    w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    if renormalise:
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     t = float(temperature)
     log_q = softened_log_probs(student_logits, t, dtype).gather(-1, indices)
     return (t * t) * _masked_mean(-(w * log_q).sum(dim=-1), mask)

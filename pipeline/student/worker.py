@@ -105,7 +105,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtypes = task.dtypes()
     train = ShardReader(config["cache_uri"], [p for p, _ in shards["train"]], task.columns(), dtypes, keep)
     val = ShardReader(config["cache_uri"], [p for p, _ in shards["val"]], task.columns(), dtypes, keep) if shards["val"] else None
-    order = Order(tuple(n for _, n in shards["train"]), cfg.batch_size, cfg.seed)
+    sizes = tuple(n for _, n in shards["train"])
+    # A cache kept in memory is shuffled as one window: every row mixed with every other.
+    order = Order(sizes, cfg.batch_size, cfg.seed, window=len(sizes) if keep or not cfg.shuffle_shards else cfg.shuffle_shards)
     per_epoch = order.steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or per_epoch
     eval_every = cfg.eval_every or per_epoch

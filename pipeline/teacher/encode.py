@@ -157,6 +157,8 @@ def encode_sampled(
     temperature: float,
     generator: torch.Generator,
     proposal_temperature: float | None = None,
+    estimator: str = "multinomial",
+    head: int = 0,
 ) -> dict[str, np.ndarray]:
     """Sampled KD targets (Anshumann et al., 2025, "Sparse Logit Sampling: Accelerating
     Knowledge Distillation in LLMs"): per token, k draws with replacement from a proposal
@@ -178,6 +180,8 @@ def encode_sampled(
         generator: torch.Generator on the logits' device; seed it from the batch so a rerun
             draws the same ids.
         proposal_temperature: T_q > 0 of the proposal; defaults to T.
+        estimator, head: another unbiased estimate of p_T in the same columns
+            (pipeline/teacher/estimators.py); priority sampling's weights sum to 1 only in expectation.
 
     Returns:
         SAMPLED_INDICES: (B, L, k) index_dtype(V), the distinct drawn ids ascending, then id 0
@@ -194,6 +198,12 @@ def encode_sampled(
         raise ValueError(f"temperatures must be > 0, got T={temperature}, proposal T={proposal_temperature}")
 
     flat = z.float().reshape(-1, vocab)
+    if estimator != "multinomial":
+        from pipeline.teacher.estimators import estimate
+
+        ids, w = estimate(torch.softmax(flat / t_p, dim=-1), estimator, k, head, generator)
+        return {SAMPLED_INDICES: _indices_to_numpy(ids.reshape(batch, length, k), vocab),
+                SAMPLED_WEIGHTS: w.reshape(batch, length, k).to(torch.float16).cpu().numpy()}
     log_q = torch.log_softmax(flat / t_q, dim=-1)
     draws = torch.multinomial(log_q.exp(), k, replacement=True, generator=generator)  # (N, k)
     draws, _ = torch.sort(draws, dim=-1)

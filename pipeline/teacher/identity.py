@@ -9,6 +9,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.cache.key import cache_identity, cache_key
 from pipeline.config import ModelSpec, PrecomputeConfig, TopkLogits
+from pipeline.config.precompute import content_fields
 from pipeline.data.sources import RowSource, SourceInfo, open_source
 from pipeline.models.factory import weights_digest
 
@@ -38,6 +39,7 @@ def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
     logits = cfg.outputs.logits
     if isinstance(logits, TopkLogits) and logits.values == "float16":
         del outputs["logits"]["step"]
+    outputs["logits"] = content_fields(outputs["logits"])
     if not outputs["taps"]:
         del outputs["taps"]  # caches made before taps existed keep their ids
     if cfg.teachers:

@@ -110,7 +110,8 @@ class TeacherPredictor:
             out.update(encode_topk(logits.float(), spec.k, spec.temperatures, spec.values, spec.step))
         elif isinstance(spec, SampledLogits):
             gen = self._generator(batch, spec.seed)
-            out.update(encode_sampled(logits.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature))
+            out.update(encode_sampled(logits.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature,
+                                      spec.estimator, spec.head))
         return out
 
     def _generator(self, batch: dict[str, np.ndarray], seed: int) -> torch.Generator:

@@ -88,7 +88,9 @@ def test_topk_cache_holds_the_teachers_exact_buckets(lm_teacher):
 
 def test_students_train_from_topk_and_sampled_caches(lm_teacher, tmp_path):
     # Top-k is the fixture's own cache (a hit); a sampled cache carries only the sampled mode's fields.
-    for mode, logits in (("topk", lm_teacher["data"]["outputs"]["logits"]), ("sampled", {"mode": "sampled", "k": 8, "temperatures": [1.0]})):
+    # The sampled cache uses priority sampling: its own encoder and a loss that keeps the weights as stored.
+    priority = {"mode": "sampled", "k": 8, "temperatures": [1.0], "estimator": "priority"}
+    for mode, logits in (("topk", lm_teacher["data"]["outputs"]["logits"]), ("sampled", priority)):
         pre = dict(lm_teacher["data"])
         pre["outputs"] = {"logits": logits}
         pre_path = write_yaml(tmp_path / f"pre-{mode}.yaml", pre)

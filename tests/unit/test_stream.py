@@ -71,8 +71,8 @@ def test_a_resumed_run_sees_the_rest_of_the_same_order(tmp_path):
     assert [sum((p[s] for p in parts), []) for s in range(4)] == full[5:9]
 
 
-def test_streaming_holds_at_most_the_current_and_next_shard(tmp_path):
-    order = Order(SHARD_ROWS, batch_size=3, seed=0)
+def test_streaming_holds_at_most_the_current_and_next_window(tmp_path):
+    order = Order(SHARD_ROWS, batch_size=3, seed=0, window=1)
     reader = _reader(tmp_path)
     held = []
     for _ in train_batches(reader, order, 0, 0, order.steps_per_epoch, 0, 1):
@@ -82,7 +82,7 @@ def test_streaming_holds_at_most_the_current_and_next_shard(tmp_path):
 
 
 def test_in_memory_reads_each_shard_once_over_epochs(tmp_path):
-    order = Order(SHARD_ROWS, batch_size=6, seed=0)
+    order = Order(SHARD_ROWS, batch_size=6, seed=0, window=1)
     keep = _reader(tmp_path, keep=True)
     stream = _reader(tmp_path, keep=False)
     for epoch in range(3):
@@ -90,6 +90,20 @@ def test_in_memory_reads_each_shard_once_over_epochs(tmp_path):
         _ids(stream, order, epoch, 0, order.steps_per_epoch)
     assert keep.reads == len(SHARD_ROWS)
     assert stream.reads >= 3 * len(SHARD_ROWS) - 2
+
+
+def test_a_window_of_shards_mixes_rows_written_in_order(tmp_path):
+    # Shards hold consecutive ids (a source sorted by label gives shards of few classes): a window
+    # of one shard keeps each batch inside one shard, a window of all mixes every batch.
+    starts = np.cumsum((0,) + SHARD_ROWS)
+
+    def shards_per_batch(window):
+        order = Order(SHARD_ROWS, batch_size=6, seed=0, window=window)
+        steps = _ids(_reader(tmp_path), order, 0, 0, order.steps_per_epoch)
+        return [len({int(np.searchsorted(starts, r, side="right")) for r in s}) for s in steps]
+
+    assert np.mean(shards_per_batch(1)) < 1.5
+    assert np.mean(shards_per_batch(4)) > 2.5
 
 
 def test_evaluation_reads_every_row_in_file_order(tmp_path):

@@ -143,7 +143,8 @@ class TokenTask(Task):
                 parts["kd"] = self.topk_loss(logits, batch[TOPK_INDICES], batch[TOPK_VALUES], batch[TOPK_LSE][..., self.lse_index],
                                              mask, t, quantised_step=step)
             elif isinstance(signal, SampledRecord):
-                parts["kd"] = sampled_kd_loss(logits, batch[SAMPLED_INDICES], batch[SAMPLED_WEIGHTS], mask, t)
+                parts["kd"] = sampled_kd_loss(logits, batch[SAMPLED_INDICES], batch[SAMPLED_WEIGHTS], mask, t,
+                                              renormalise=signal.estimator != "priority")
             else:
                 parts["kd"] = full_kd_loss(logits, batch[LOGITS], mask, t)
         total = sum(self.terms[n] * parts[n] for n in self.terms)

@@ -10,7 +10,11 @@ signal's error against the full teacher distribution p at equal bytes per token 
   share of p's mass on the tokens stored.
 
 Top-k stores its k logits exactly (uint8 offsets, 3 B a token each plus 4 B of log-normaliser) and
-its rest mass exactly, spread uniformly here (`loss.topk_tail: uniform`): no variance, all bias.
+its rest mass exactly, spread uniformly here (`loss.topk_tail: uniform`): its error is all bias,
+the same at every position of a context and so never averaged away by training, where the
+sampled signals' error is all variance (they are unbiased). The squared error ranks the unbiased
+signals against each other; whether a biased signal's smaller error trains better only training
+can say (`make bench-topk`).
 The sampled signals store distinct ids (uint16) and float16 weights, 4 B a slot. Bytes are raw
 column bytes before Parquet compression (which saves 20 to 50% on real caches).
 
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, k, head in signals(budget):
             if name == "topk-uniform":
                 row = errors(p, topk_uniform(p, k))
+                row["mass_covered"] = float(torch.topk(p, k, dim=-1).values.sum(-1).mean())  # the k stored exactly
             else:
                 g = torch.Generator().manual_seed(0)
                 parts = [errors(p, dense(*estimate(p, name, k, head, g), p.shape[-1])) for _ in range(args.repeats)]

@@ -42,7 +42,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Tas
     rows = sum(len(x) for x in inputs)
     optimizer.zero_grad(set_to_none=True)
     parts_sum: dict[str, torch.Tensor] = {}
-    units = torch.zeros(())
+    units: torch.Tensor | float = 0.0
     for i, (batch, x) in enumerate(zip(micro_batches, inputs)):
         share = len(x) / rows
         with (sync(i == len(inputs) - 1) if sync else contextlib.nullcontext()):
@@ -53,9 +53,9 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Tas
         for name, value in parts.items():
             # Summed on the device: a float() here would sync a GPU on every step.
             parts_sum[name] = parts_sum.get(name, 0.0) + value.detach() * share
-        units = units + task.units(batch).cpu()
+        units = units + task.units(batch)  # on the batch's device: no sync per step
     precision.step(optimizer, [p for g in optimizer.param_groups for p in g["params"]], clip)
-    return parts_sum, rows, units
+    return parts_sum, rows, units  # type: ignore[return-value]
 
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[Batch], task: Task, optimizer: torch.optim.Optimizer,

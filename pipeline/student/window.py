@@ -21,7 +21,7 @@ class Window:
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.rows = 0
-        self.units = torch.zeros((), dtype=torch.float64)
+        self.units: torch.Tensor | float = 0.0  # summed where the batches live; read at reports and progress lines
         self.waited = 0.0
         self.started = time.time()
         self.steps = 0
@@ -42,7 +42,7 @@ class Window:
             self.sums[name] = self.sums.get(name, 0.0) + value * rows
         self.rows += rows
         self.steps += 1
-        self.units += units.double()
+        self.units = self.units + units
 
     def means(self) -> dict[str, float]:
         """Row-weighted mean of each loss term over the window (this worker's rows)."""

@@ -63,7 +63,7 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
         raise DistillError("hf_causal_lm needs the transformers package", "pip install transformers") from None
     if dtype is not None and dtype not in _DTYPES:
         raise DistillError(f"unknown dtype {dtype!r} for {path}", f"use one of {list(_DTYPES)}")
-    _quiet()
+    quiet_transformers()
     kwargs: dict[str, object] = {"local_files_only": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -119,7 +119,7 @@ def hf_causal_lm_config(model_type: str = "gpt2", num_classes: int | None = None
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise DistillError("hf_causal_lm_config needs the transformers package", "pip install transformers") from None
-    _quiet()
+    quiet_transformers()
     settings = dict(config)
     if num_classes is not None:
         settings.setdefault("vocab_size", num_classes)
@@ -139,7 +139,7 @@ def saved_tokenizer(path: str) -> str | None:
     return uri if storage.exists(uri) else None
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     """transformers draws a progress bar per load and save; distill prints its own lines."""
     from transformers.utils import logging as hf_logging
 

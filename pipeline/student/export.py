@@ -13,7 +13,7 @@ from pipeline import storage
 from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.models.factory import build_model
-from pipeline.models.hf import HFCausalLM
+from pipeline.models.hf import HFCausalLM, quiet_transformers
 
 
 def export_student(cfg: TrainConfig, manifest: Manifest, cache_uri: str, state: dict[str, torch.Tensor], uri: str) -> str | None:
@@ -23,9 +23,7 @@ def export_student(cfg: TrainConfig, manifest: Manifest, cache_uri: str, state: 
     if not isinstance(model, HFCausalLM):
         return None
     model.load_state_dict(state)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="hf-student-") as d:
         model.model.save_pretrained(d)
         record = manifest.dataset.tokenizer

@@ -50,11 +50,12 @@ class Order:
     def shards(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_rows))
 
-    def windows(self, epoch: int) -> list[list[int]]:
+    @functools.lru_cache(maxsize=2)  # read on every step: drawn once per epoch
+    def windows(self, epoch: int) -> tuple[tuple[int, ...], ...]:
         order = [int(s) for s in self.shards(epoch)]
-        return [order[i:i + self.window] for i in range(0, len(order), max(self.window, 1))]
+        return tuple(tuple(order[i:i + self.window]) for i in range(0, len(order), max(self.window, 1)))
 
-    def window_rows(self, epoch: int, index: int, shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def window_rows(self, epoch: int, index: int, shards: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row) of each position of window `index`, in its permuted order."""
         return self._window_rows(epoch, index, tuple(shards))
 
@@ -66,7 +67,7 @@ class Order:
         which = np.searchsorted(starts, perm, side="right") - 1
         return np.asarray(shards)[which], perm - starts[which]
 
-    def spans(self, epoch: int, lo: int, hi: int) -> list[tuple[int, int, int, list[int]]]:
+    def spans(self, epoch: int, lo: int, hi: int) -> list[tuple[int, int, int, tuple[int, ...]]]:
         """(window index, start, stop, its shards) covering positions [lo, hi) of the epoch."""
         out, pos = [], 0
         for index, shards in enumerate(self.windows(epoch)):

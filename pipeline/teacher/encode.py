@@ -7,6 +7,7 @@ import torch
 
 from pipeline.cache.schema import SAMPLED_INDICES, SAMPLED_WEIGHTS, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
 from pipeline.models.taps import signal
+from pipeline.teacher.estimators import estimate, merge
 
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -199,26 +200,18 @@ def encode_sampled(
 
     flat = z.float().reshape(-1, vocab)
     if estimator != "multinomial":
-        from pipeline.teacher.estimators import estimate
-
         ids, w = estimate(torch.softmax(flat / t_p, dim=-1), estimator, k, head, generator)
         return {SAMPLED_INDICES: _indices_to_numpy(ids.reshape(batch, length, k), vocab),
                 SAMPLED_WEIGHTS: w.reshape(batch, length, k).to(torch.float16).cpu().numpy()}
     log_q = torch.log_softmax(flat / t_q, dim=-1)
     draws = torch.multinomial(log_q.exp(), k, replacement=True, generator=generator)  # (N, k)
-    draws, _ = torch.sort(draws, dim=-1)
     if t_q == t_p:
         log_ratio = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device)
     else:
         log_p = torch.log_softmax(flat / t_p, dim=-1)
         log_ratio = log_p.gather(-1, draws) - log_q.gather(-1, draws)
         log_ratio = log_ratio - log_ratio.amax(dim=-1, keepdim=True)  # self-normalised: any shift cancels
-    # Equal ids are adjacent after the sort: slot j of a token collects its j-th distinct id.
-    is_new = torch.ones_like(draws, dtype=torch.bool)
-    is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = is_new.cumsum(dim=-1) - 1
-    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # duplicates write the same id
-    weights = torch.zeros_like(log_ratio).scatter_add_(-1, slot, log_ratio.exp())
+    ids, weights = merge(draws, log_ratio.exp())
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return {
         SAMPLED_INDICES: _indices_to_numpy(ids.reshape(batch, length, k), vocab),

@@ -24,7 +24,7 @@ ESTIMATORS = ("multinomial", "priority", "head_tail")
 def multinomial(p: torch.Tensor, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (N, k), weights (N, k)): k draws, equal ids merged (merged slots get weight 0)."""
     draws = torch.multinomial(p, k, replacement=True, generator=generator)
-    return _merge(draws, torch.full(draws.shape, 1.0 / k, dtype=p.dtype, device=p.device))
+    return merge(draws, torch.full(draws.shape, 1.0 / k, dtype=p.dtype, device=p.device))
 
 
 def priority(p: torch.Tensor, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ def head_tail(p: torch.Tensor, k: int, head: int, generator: torch.Generator | N
     safe = torch.where(mass > 0, rest / mass.clamp_min(torch.finfo(p.dtype).tiny), torch.ones_like(rest) / rest.shape[-1])
     m = k - head
     draws = torch.multinomial(safe, m, replacement=True, generator=generator)
-    ids, w = _merge(draws, (mass / m).expand(-1, m).clone())
+    ids, w = merge(draws, (mass / m).expand(-1, m).clone())
     if top is None:
         return ids, w
     return torch.cat([top.indices, ids], -1), torch.cat([top.values, w], -1)
@@ -75,7 +75,7 @@ def dense(ids: torch.Tensor, weights: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], vocab, dtype=weights.dtype, device=weights.device).scatter_add_(-1, ids, weights)
 
 
-def _merge(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Equal ids merged: the distinct ids ascending in the first slots with their summed weights,
     then id 0 with weight 0 (the layout of a sampled cache's columns)."""
     ids, order = torch.sort(ids, dim=-1)

@@ -28,6 +28,9 @@ TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 # Ray Data's documented logging-config variable; ours keeps its console at ERROR (see the YAML).
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+# Tune's console reporter: "0" selects the older one, which prints nothing at verbose=0 (the newer
+# prints an experiment box and result paths whatever the verbosity).
+TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's token authentication: "token" or "disabled"
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 RAY_INTERNALS = {
@@ -35,6 +38,7 @@ RAY_INTERNALS = {
     WORKERS_SOFT_LIMIT_ENV: "a RayConfig flag compiled into ray/_raylet.so",
     "train report logger": "ray.train.v2._internal.execution.context.logger (logs every report's metrics at INFO)",
     "map worker actor name": "ray.data._internal.execution.operators.actor_pool_map_operator.get_map_worker_cls_name",
+    TUNE_NEW_OUTPUT_ENV: "ray.tune.experimental.output.get_air_verbosity reads it",
     RAY_DATA_LOGGING_ENV: "ray_data_logging.yaml names Ray Data's handler and filter classes (ray.data._internal.logging)",
 }
 # What a submitted job's processes need from the submitting side (never credentials).

@@ -39,6 +39,9 @@ def _location(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress lines reach a pipe or a log file as they happen, not when a block buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     # The current directory is importable (after installed packages): `factory: my_models:student` finds
     # ./my_models.py (a local Ray's workers get the driver's directory on their path from Ray itself).
     if os.getcwd() not in sys.path:

@@ -1,4 +1,4 @@
-"""`distill validate | fit-teacher | precompute | train | report`: the stages and their results."""
+"""`distill validate | fit-teacher | precompute | train | sweep | evaluate | report`: the stages and their results."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.student.sweep import run_sweep
+
+    run_sweep(load_sweep_config(args.config, args.overrides), address=args.address, resume=args.resume,
+              overwrite=args.overwrite)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.report import reliability
     from pipeline.rundir import write_json
@@ -114,6 +123,13 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     add_storage_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="many students from one cache in one Ray Tune run: grid, random, early stopping")
+    add_config_args(p)
+    add_address(p)
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep, keeping its finished trials")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="score a trained student on any dataset: a cache, a precompute config's source, "
                                         "or your own Parquet table")

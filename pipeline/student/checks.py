@@ -37,6 +37,11 @@ def open_cache(cfg: TrainConfig, cache_uri: str) -> tuple[Manifest, Task]:
     if problems:
         raise DistillError(f"cache {cache_uri} is damaged: {'; '.join(problems[:3])}",
                            "run `distill cache verify` for details, then recompute with --force")
+    return manifest, check_student(cfg, manifest)
+
+
+def check_student(cfg: TrainConfig, manifest: Manifest) -> Task:
+    """The task that trains this student on the cache, after every config-against-cache check."""
     if manifest.rows_by_split.get("train", 0) == 0:
         raise DistillError(f"cache {manifest.cache_id} has no train rows", "check the source's split settings")
     task = task_for(cfg, manifest)
@@ -47,7 +52,7 @@ def open_cache(cfg: TrainConfig, cache_uri: str) -> tuple[Manifest, Task]:
     if manifest.rows_by_split["train"] < cfg.batch_size:
         raise DistillError(f"cache {manifest.cache_id} has {manifest.rows_by_split['train']} train rows, fewer than one "
                            f"batch of {cfg.batch_size}", "lower batch_size")
-    return manifest, task
+    return task
 
 
 def validate_train(cfg: TrainConfig) -> str:

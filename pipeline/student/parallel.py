@@ -23,7 +23,9 @@ def _distributed() -> bool:
 def wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
     """DDP (or the plain model with one worker) or FSDP2: each block of a ModuleList (transformer
     layers) is its own FSDP unit, the rest (embeddings, head) the root's."""
-    if parallel == "ddp" or not _distributed():
+    if not _distributed():  # one worker, or a sweep trial's own process
+        return model.to(device)
+    if parallel == "ddp":
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)

@@ -68,9 +68,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
         rundir.write_config(run_dir, cfg.model_dump(mode="json"))
     ensure_ray(address)
     data = plan(cache_uri, manifest, task, cfg.in_memory, cfg.num_workers, log)
-    per_epoch = Order(tuple(n for _, n in data["shards"]["train"]), cfg.batch_size, cfg.seed).steps_per_epoch
-    total = total_steps(cfg, per_epoch, cfg.batch_size * units_per_row(cache_uri, manifest, task) if cfg.max_tokens else None)
-    trainer = _trainer(cfg, manifest, {**data, "total_steps": total})
+    per_epoch, total = step_budget(cfg, data, units_per_row(cache_uri, manifest, task) if cfg.max_tokens else None)
+    trainer = make_trainer(cfg, manifest, {**data, "total_steps": total})
     log(f"training {cfg.name}: {cfg.student.factory} on cache {manifest.cache_id} "
         f"({manifest.rows_by_split['train']} train rows), {cfg.num_workers} workers ({cfg.parallel}, {cfg.precision}), "
         f"{total} steps of {cfg.batch_size} rows ({total / per_epoch:.3g} epochs)")
@@ -80,13 +79,22 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, overwrite: bool =
     except Exception as e:  # Ray wraps worker errors; show the cause, not the wrapper
         raise DistillError(f"training {cfg.name} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
                            "see the worker traceback above") from None
-    out = _result(cfg, task, manifest, cache_uri, run_dir, result, time.time() - started)
+    out = result_record(cfg, task, manifest, cache_uri, run_dir, result.checkpoint, result.metrics, time.time() - started)
     uri = rundir.write_result(run_dir, out)
     log(f"{cfg.name}: {task.summary(out['metrics'])}  ({out['wall_s']:.0f}s) -> {uri}")
     return TrainResult(run_dir=run_dir, result=out)
 
 
-def _trainer(cfg: TrainConfig, manifest: Manifest, data: dict[str, Any]):
+def step_budget(cfg: TrainConfig, data: dict[str, Any], units_per_row: float | None) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run) over the planned train shards; `units_per_row`
+    (target tokens of a mean row) only for a `max_tokens` budget."""
+    per_epoch = Order(tuple(n for _, n in data["shards"]["train"]), cfg.batch_size, cfg.seed).steps_per_epoch
+    return per_epoch, total_steps(cfg, per_epoch, cfg.batch_size * units_per_row if cfg.max_tokens and units_per_row else None)
+
+
+def make_trainer(cfg: TrainConfig, manifest: Manifest, data: dict[str, Any], callbacks: list | None = None):
+    """The run's `TorchTrainer`: the worker loop over `data` (shards, in_memory, total_steps); `callbacks`
+    are Ray Train's (a sweep passes Tune's report callback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -112,18 +120,21 @@ def _trainer(cfg: TrainConfig, manifest: Manifest, data: dict[str, Any]):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # Ray Train logs every report at INFO; rank 0 prints one line per epoch instead.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
 
 
-def _result(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, run_dir: str, result, wall: float) -> dict[str, Any]:
-    """result.json: the final metrics the task names, the history, the student's weights and the config."""
+def result_record(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, run_dir: str, checkpoint,
+                  metrics: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+    """result.json from the run's latest checkpoint: the final metrics the task names, the history, the
+    student's weights (written beside it; only the final checkpoint holds them) and the config."""
     history, student_state = [], None
-    if result.checkpoint:
-        with result.checkpoint.as_directory() as d:
+    if checkpoint:
+        with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
         history, student_state = state["history"], state.get("student")
-    final = history[-1] if history else dict(result.metrics or {})
+    final = history[-1] if history else dict(metrics or {})
     weights_uri = storage.join(run_dir, rundir.STUDENT_FILE)
     exported = None
     if student_state is not None:  # the bare student, loadable by its factory (e.g. as the next generation's teacher)
@@ -131,10 +142,10 @@ def _result(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, ru
         torch.save(student_state, buf)
         storage.write_bytes_atomic(weights_uri, buf.getvalue())
         exported = export_student(cfg, manifest, cache_uri, student_state, storage.join(run_dir, rundir.HF_DIR))
-    checkpoint = None
-    if result.checkpoint is not None:
-        checkpoint = (result.checkpoint.path if storage.is_local(cfg.storage_path)
-                      else f"{cfg.storage_path.split('://', 1)[0]}://{result.checkpoint.path}")
+    checkpoint_uri = None
+    if checkpoint is not None:
+        checkpoint_uri = (checkpoint.path if storage.is_local(cfg.storage_path)
+                          else f"{cfg.storage_path.split('://', 1)[0]}://{checkpoint.path}")
     return {
         "name": cfg.name,
         "task": task.name,
@@ -159,6 +170,6 @@ def _result(cfg: TrainConfig, task: Task, manifest: Manifest, cache_uri: str, ru
         "workers_with_teacher": final.get("workers_with_teacher"),
         "wall_s": round(wall, 2),
         "history": history,
-        "checkpoint": checkpoint,
+        "checkpoint": checkpoint_uri,
         "config": cfg.model_dump(mode="json"),
     }

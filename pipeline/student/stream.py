@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -100,8 +101,9 @@ class ShardReader:
     """
 
     def __init__(self, cache_uri: str, paths: Sequence[str], columns: Sequence[str],
-                 dtypes: dict[str, torch.dtype], keep: bool = False) -> None:
+                 dtypes: dict[str, torch.dtype], keep: bool = False, preloaded: Sequence[dict[str, np.ndarray]] | None = None) -> None:
         self.cache_uri, self.paths, self.columns, self.dtypes, self.keep = cache_uri, list(paths), list(columns), dtypes, keep
+        self.preloaded = preloaded  # decoded shards already in memory (a sweep's one read, from Ray's object store)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-reader")
         self._loaded: dict[int, Future[Columns]] = {}
         self._lock = threading.Lock()
@@ -125,6 +127,10 @@ class ShardReader:
         return future.result()
 
     def _read(self, shard: int) -> Columns:
+        if self.preloaded is not None:
+            with warnings.catch_warnings():  # the object store's arrays are read-only; batches are gathered copies
+                warnings.simplefilter("ignore", UserWarning)
+                return {c: torch.from_numpy(self.preloaded[shard][c]).to(self.dtypes[c]) for c in self.columns}
         import pyarrow as pa
         import pyarrow.parquet as pq
 

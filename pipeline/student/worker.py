@@ -25,6 +25,7 @@ from pipeline.student import parallel
 from pipeline.student.loop import make_optimizer, train_step
 from pipeline.student.precision import Precision
 from pipeline.student.schedule import scheduler
+from pipeline.student.session import Session, TrainSession
 from pipeline.student.stream import Order, ShardReader, in_order, train_batches
 from pipeline.student.tasks import task_for
 from pipeline.student.window import Window
@@ -66,15 +67,15 @@ def _all_sum(values: list[float]) -> list[float]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker: `config` holds the train config, the manifest, the shards and the step budget."""
-    import ray.train
-    import ray.train.torch
-
     quiet_train_worker()
+    run_loop(config, TrainSession())
+
+
+def run_loop(config: dict[str, Any], session: Session) -> None:
+    """Train, evaluate, checkpoint and report through `session` (a Train worker's or a Tune trial's)."""
     cfg = TrainConfig.model_validate(config["train"])
     storage.configure(**cfg.storage.model_dump())  # the shards are read here, through the run's endpoint
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
     manifest = Manifest.model_validate(config["manifest"])
     task = task_for(cfg, manifest)
@@ -85,12 +86,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedule = scheduler(optimizer, cfg, total)
     precision = Precision(cfg.precision, device)
 
-    step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    step, history, meta = 0, [], None
+    with session.checkpoint_dir() as d:
+        if d is not None:
             parallel.load(d, model, optimizer)
             meta = load_checkpoint(d)
+    if meta is not None:
         step, history = meta["step"], meta["history"]
         schedule.load_state_dict(meta["scheduler"])
         precision.load_state_dict(meta["scaler"])
@@ -103,8 +104,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shards = config["shards"]
     keep = bool(config["in_memory"])
     dtypes = task.dtypes()
-    train = ShardReader(config["cache_uri"], [p for p, _ in shards["train"]], task.columns(), dtypes, keep)
-    val = ShardReader(config["cache_uri"], [p for p, _ in shards["val"]], task.columns(), dtypes, keep) if shards["val"] else None
+    preloaded = config.get("preloaded") or {}
+    train = ShardReader(config["cache_uri"], [p for p, _ in shards["train"]], task.columns(), dtypes, keep, preloaded.get("train"))
+    val = (ShardReader(config["cache_uri"], [p for p, _ in shards["val"]], task.columns(), dtypes, keep, preloaded.get("val"))
+           if shards["val"] else None)
     sizes = tuple(n for _, n in shards["train"])
     # A cache kept in memory is shuffled as one window: every row mixed with every other.
     order = Order(sizes, cfg.batch_size, cfg.seed, window=len(sizes) if keep or not cfg.shuffle_shards else cfg.shuffle_shards)
@@ -146,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    os.path.join(d, STUDENT_FILE))
             if rank == 0 and evidence:
                 metrics["teacher_evidence"] = "; ".join(evidence)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if save else None)
+            session.report(metrics, d if save else None)
         if rank == 0 and evaluate:  # through logging: Ray Train would print() twice (stdout and its console handler)
             logger.info(f"step {step}/{total} (epoch {metrics['epoch']:g})  loss {metrics.get('train_loss', float('nan')):.4f}  "
                         f"{task.summary(evaluated)}  {metrics[f'{task.unit}_per_s']:,.0f} {task.unit}/s, "

@@ -13,7 +13,8 @@ from pipeline import runtime
 
 def test_every_internal_is_listed_once():
     assert set(runtime.RAY_INTERNALS) == {runtime.TRAIN_HEALTH_CHECK_ENV, runtime.WORKERS_SOFT_LIMIT_ENV,
-                                         "train report logger", "map worker actor name", runtime.RAY_DATA_LOGGING_ENV}
+                                         "train report logger", "map worker actor name", runtime.RAY_DATA_LOGGING_ENV,
+                                         runtime.TUNE_NEW_OUTPUT_ENV}
 
 
 def test_our_ray_data_logging_config_loads_with_this_ray(tmp_path):
@@ -29,6 +30,16 @@ def test_our_ray_data_logging_config_loads_with_this_ray(tmp_path):
         module, _, name = (spec.get("class") or spec["()"]).rpartition(".")
         assert hasattr(importlib.import_module(module), name), spec
     assert config["handlers"]["console"]["level"] == "CRITICAL" and config["loggers"]["ray.data"]["level"] == "DEBUG"
+
+
+def test_tune_reads_the_output_switch_and_the_old_reporter_is_silent_at_verbose_0(monkeypatch):
+    from ray.tune.experimental import output
+
+    monkeypatch.setenv(runtime.TUNE_NEW_OUTPUT_ENV, "0")
+    assert output.get_air_verbosity(0) is None  # the older reporter, which prints nothing at verbose=0
+    monkeypatch.setenv(runtime.TUNE_NEW_OUTPUT_ENV, "1")
+    assert output.get_air_verbosity(0) is not None
+    assert runtime.TUNE_NEW_OUTPUT_ENV in inspect.getsource(output.get_air_verbosity)
 
 
 def test_train_health_check_interval_is_still_read_from_that_variable():

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-storage cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -51,7 +51,10 @@ bench-resume: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.resume
 
 bench-topk: $(STAMP)
-	$(BIN)/python -m jobs.benchmarks.topk
+	$(BIN)/python -m jobs.benchmarks.topk $(ARGS)
+
+bench-sweep: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.sweep $(ARGS)
 
 bench-storage: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.storage

@@ -19,10 +19,13 @@ from pipeline.errors import DistillError
 CONFIG_ENV = "DISTILL_CONFIG_JSON"
 
 
+MODULES = {"precompute": "pipeline.teacher", "train": "pipeline.student", "sweep": "pipeline.student.sweep"}
+
+
 def run_entrypoint(stage: str, model: type[BaseModel], run: Callable[[BaseModel, argparse.Namespace], object],
-                   argv: list[str] | None = None) -> int:
+                   argv: list[str] | None = None, load: Callable[[str, list[str]], BaseModel] | None = None) -> int:
     """Exit 0 on success, 2 with one line for a user error (any other failure raises: a traceback in the job's logs)."""
-    module = "pipeline.teacher" if stage == "precompute" else "pipeline.student"
+    module = MODULES[stage]
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"Ray Job entrypoint: {stage}")
     parser.add_argument("config", nargs="?", help=f"YAML config (default: the JSON in ${CONFIG_ENV})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
@@ -30,7 +33,7 @@ def run_entrypoint(stage: str, model: type[BaseModel], run: Callable[[BaseModel,
     args = parser.parse_args(argv)
     try:
         if args.config:
-            cfg = load_config(args.config, args.overrides, kind=stage)
+            cfg = load(args.config, args.overrides) if load else load_config(args.config, args.overrides, kind=stage)
         elif os.environ.get(CONFIG_ENV):
             try:
                 cfg = model.model_validate(json.loads(os.environ[CONFIG_ENV]))

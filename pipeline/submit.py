@@ -20,12 +20,13 @@ from typing import Any, Callable
 from pipeline import storage
 from pipeline.cache.manifest import manifest_uri
 from pipeline.config import PrecomputeConfig, TrainConfig
-from pipeline.entrypoint import CONFIG_ENV
+from pipeline.config.sweep import SweepConfig
+from pipeline.entrypoint import CONFIG_ENV, MODULES
 from pipeline.errors import DistillError
 from pipeline.runtime import JOB_ENV, auth_error, probe
 
 # The module each stage's job runs, from the package installed on the cluster.
-STAGE_MODULES = {"precompute": "pipeline.teacher", "train": "pipeline.student"}
+STAGE_MODULES = MODULES
 # Never shipped in the working_dir (Ray also honours .gitignore and .rayignore).
 EXCLUDES = [".git", ".venv", "venv", "runs", "*.pt", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -68,20 +69,22 @@ class SubmittedJob:
     name: str
 
 
-def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig, *, force: bool = False,
+def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig | SweepConfig, *, force: bool = False,
                  working_dir: str | None = None, log: Callable[[str], None] = print) -> SubmittedJob:
     """Submit one stage with its resolved config; returns at once with the job id.
 
     `working_dir` (default: the current directory) travels with the job: the user's configs and
     model modules, importable by the job and its actors and workers.
     """
-    if isinstance(cfg, TrainConfig) and cfg.precompute:
+    train = cfg.train if isinstance(cfg, SweepConfig) else cfg if isinstance(cfg, TrainConfig) else None
+    if train is not None and train.precompute:  # the job reads the cache the precompute config last produced
         from pipeline.student.checks import resolve_cache_uri
 
-        storage.configure(**cfg.storage.model_dump())
-        cfg = cfg.model_copy(update={"cache": resolve_cache_uri(cfg), "precompute": None})
+        storage.configure(**train.storage.model_dump())
+        train = train.model_copy(update={"cache": resolve_cache_uri(train), "precompute": None})
+        cfg = cfg.model_copy(update={"train": train}) if isinstance(cfg, SweepConfig) else train
     cfg = cfg.with_absolute_paths()  # the job runs in a copy of the working directory
-    name = cfg.name if isinstance(cfg, TrainConfig) and cfg.name else stage
+    name = cfg.name if isinstance(cfg, (TrainConfig, SweepConfig)) and cfg.name else stage
     job_id = f"distill-{stage}-{name}-{uuid.uuid4().hex[:6]}".replace("_", "-")
     entrypoint = f"{job_python()} -m {STAGE_MODULES[stage]}" + (" --force" if force else "")
     job = cfg.job

@@ -33,18 +33,15 @@ import sys
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH
-from pipeline.config import ModelSpec, PrecomputeConfig
-from pipeline.data.corpus import read_documents
+from pipeline.config import ModelSpec
 from pipeline.data.sources import describe, load_split
-from pipeline.data.tokenizer import save_tokenizer, train_bpe
 from pipeline.models.factory import build_model
 from pipeline.teacher.estimators import dense, estimate
-from pipeline.teacher.fit import fit_teacher
+
+from jobs.benchmarks.textteacher import TEACHER, teacher_config
 
 BUDGETS = (25, 50, 100)
-TEACHER = {"factory": "pipeline.models.lm:lm_teacher"}
 
 
 def signals(budget: int) -> list[tuple[str, int, int]]:
@@ -88,25 +85,16 @@ def teacher_distributions(teacher: torch.nn.Module, val: dict[str, np.ndarray], 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--teacher-bytes", type=int, default=4_000_000, help="stdlib prefix the tokenizer and teacher learn from")
+    parser.add_argument("--teacher-bytes", type=int, default=8_000_000, help="stdlib prefix the tokenizer and teacher learn from")
     parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tokenizer and teacher")
     parser.add_argument("--positions", type=int, default=4096, help="held-out token positions screened")
     parser.add_argument("--repeats", type=int, default=4, help="independent draws per position for the sampled signals")
     args = parser.parse_args(argv)
     work = os.path.join(args.out, "topk")  # the teacher and tokenizer `make bench-topk` trains, shared
     os.makedirs(work, exist_ok=True)
-    tok_uri = os.path.abspath(os.path.join(work, f"tokenizer-{args.teacher_bytes}.json"))
-    if not storage.exists(tok_uri):
-        print(f"== BPE 8192 on the first {args.teacher_bytes / 1e6:.1f} MB of the standard library ==", flush=True)
-        save_tokenizer(train_bpe(read_documents(None, max_bytes=args.teacher_bytes), vocab_size=8192), tok_uri)
-    weights = os.path.abspath(os.path.join(work, f"lm_teacher-{args.teacher_bytes}-{args.teacher_epochs}.pt"))
-    source = {"kind": "text", "seq_len": 64, "val_fraction": 0.1, "max_bytes": args.teacher_bytes, "tokenizer": {"uri": tok_uri}}
-    cfg = PrecomputeConfig.model_validate({
-        "source": source, "cache_root": os.path.join(work, "cache"),
-        "teacher": {**TEACHER, "weights": weights, "fit": {"epochs": args.teacher_epochs, "lr": 0.002, "batch_size": 32, "shift": 0}}})
-    if not storage.exists(weights):
-        print("== fitting the teacher ==", flush=True)
-        fit_teacher(cfg)
+    cfg = teacher_config(work, args.teacher_bytes, args.teacher_epochs, args.vocab)
+    weights = cfg.teacher.weights
     info = describe(cfg.source)
     teacher = build_model(ModelSpec.model_validate({**TEACHER, "weights": weights}), input_shape=(64,), num_classes=info.num_classes).eval()
     p = teacher_distributions(teacher, load_split(cfg.source, "val"), args.positions)

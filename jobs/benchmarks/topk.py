@@ -34,18 +34,15 @@ import time
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH
 from pipeline.config import ModelSpec, PrecomputeConfig, TrainConfig
-from pipeline.data.corpus import read_documents
 from pipeline.data.sources import describe, load_split
-from pipeline.data.tokenizer import save_tokenizer, train_bpe
 from pipeline.models.factory import build_model
 from pipeline.student.run import run_train
-from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.precompute import run_precompute
 
-TEACHER = {"factory": "pipeline.models.lm:lm_teacher"}
+from jobs.benchmarks.textteacher import TEACHER, teacher_config, text_source
+
 STUDENT = {"factory": "pipeline.models.lm:lm_small"}
 T1 = {"temperatures": [1.0]}
 # name -> (stored signal, or None for hard labels; the top-k tail the loss uses)
@@ -62,10 +59,6 @@ SIGNALS: dict[str, tuple[dict | None, str]] = {
     "topk64": ({"mode": "topk", "k": 64, "values": "uint8", **T1}, "bucket"),
 }
 DEFAULT = "full,hard,multinomial25,priority25,head_tail25-6,topk32-uniform,topk32,topk64"
-
-
-def _source(max_bytes: int, tokenizer_uri: str, seq_len: int) -> dict:
-    return {"kind": "text", "seq_len": seq_len, "val_fraction": 0.1, "max_bytes": max_bytes, "tokenizer": {"uri": tokenizer_uri}}
 
 
 @torch.inference_mode()
@@ -117,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--teacher-bytes", type=int, default=8_000_000, help="stdlib prefix the tokenizer and teacher learn from")
     parser.add_argument("--teacher-epochs", type=int, default=1)
-    parser.add_argument("--cache-bytes", type=int, default=1_500_000, help="stdlib prefix the caches and students cover")
+    parser.add_argument("--cache-bytes", type=int, default=2_000_000, help="stdlib prefix the caches and students cover")
+    parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tokenizer, teacher and students")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--cpus-per-worker", type=float, default=2)
     args = parser.parse_args(argv)
     names = args.signals.split(",")
@@ -133,21 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     started = time.time()
 
-    tok_uri = os.path.abspath(os.path.join(work, f"tokenizer-{args.teacher_bytes}.json"))
-    if not storage.exists(tok_uri):
-        print(f"== BPE 8192 on the first {args.teacher_bytes / 1e6:.1f} MB of the standard library ==", flush=True)
-        save_tokenizer(train_bpe(read_documents(None, max_bytes=args.teacher_bytes), vocab_size=8192), tok_uri)
-    weights = os.path.abspath(os.path.join(work, f"lm_teacher-{args.teacher_bytes}-{args.teacher_epochs}.pt"))
-    fit_cfg = PrecomputeConfig.model_validate({
-        "source": _source(args.teacher_bytes, tok_uri, args.seq_len),
-        "teacher": {**TEACHER, "weights": weights, "fit": {"epochs": args.teacher_epochs, "lr": 0.002, "batch_size": 32, "shift": 0}},
-        "cache_root": os.path.join(work, "cache"),
-    })
-    if not storage.exists(weights):
-        print("== fitting the teacher ==", flush=True)
-        fit_teacher(fit_cfg)
+    fit_cfg = teacher_config(work, args.teacher_bytes, args.teacher_epochs, args.vocab, args.seq_len)
+    weights, tok_uri = fit_cfg.teacher.weights, fit_cfg.source.tokenizer.uri
     vocab = describe(fit_cfg.source).num_classes
-    cache_source = _source(args.cache_bytes, tok_uri, args.seq_len)
+    cache_source = text_source(args.cache_bytes, tok_uri, args.seq_len)
     val = load_split(PrecomputeConfig.model_validate({"source": cache_source, "teacher": fit_cfg.teacher.model_dump()}).source, "val")
     teacher = build_model(fit_cfg.teacher, input_shape=(args.seq_len,), num_classes=vocab).eval()
     teacher_ppl = evaluate(teacher, val)["val_perplexity"]
@@ -168,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = TrainConfig.model_validate({
                 "name": f"{name}-{seed}", "cache": cache.uri, "student": STUDENT,
                 "loss": {"temperature": 1.0, "terms": {"ce": 1.0} if name == "hard" else {"kd": 0.5, "ce": 0.5}, "topk_tail": tail},
-                "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01, "schedule": "cosine", "warmup_steps": 20},
+                "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01, "schedule": "cosine", "warmup_steps": 50},
                 "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": 1, "cpus_per_worker": args.cpus_per_worker,
                 "storage_path": os.path.abspath(os.path.join(work, "runs")), "seed": seed,
             })

@@ -28,7 +28,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 1 if failed or (run.teacher_job and not run.student_jobs) else 0
     if len(args.configs) != 1:
         raise DistillError(f"`submit {args.stage}` takes one config", f"distill submit {args.stage} CONFIG")
-    load = load_precompute_config if args.stage == "precompute" else load_train_config
+    from pipeline.config.sweep import load_sweep_config
+
+    load = {"precompute": load_precompute_config, "train": load_train_config, "sweep": load_sweep_config}[args.stage]
     job = submit_stage(client, args.stage, load(args.configs[0], args.overrides), force=args.force,
                        working_dir=args.working_dir)
     print(job.job_id)
@@ -64,7 +66,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("submit", help="run a stage on a Ray cluster as a Ray Job")
-    p.add_argument("stage", choices=["precompute", "train", "pipeline"])
+    p.add_argument("stage", choices=["precompute", "train", "sweep", "pipeline"])
     p.add_argument("configs", nargs="+", help="config(s); pipeline: PRECOMPUTE then TRAIN ...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the (first) config")

@@ -11,8 +11,14 @@ from pipeline.errors import DistillError
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import PrecomputeConfig, load_config
 
+    from pipeline.config.sweep import SweepConfig
+
     cfg = load_config(args.config, args.overrides)
-    if isinstance(cfg, PrecomputeConfig):
+    if isinstance(cfg, SweepConfig):
+        from pipeline.student.checks import validate_train
+
+        kind, summary = "sweep", f"{len(cfg.points()) * cfg.num_samples} trials; base: {validate_train(cfg.train)}"
+    elif isinstance(cfg, PrecomputeConfig):
         from pipeline.teacher.checks import validate_precompute
 
         kind, summary = "precompute", validate_precompute(cfg)
@@ -93,9 +99,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
+    from pipeline.report_sweep import is_sweep, write_sweep_report
 
     configure_storage(args, args.run_dirs[0], "run directory")
-    print(f"wrote {write_report(args.run_dirs, args.out)}")
+    sweeps = [d for d in args.run_dirs if is_sweep(d)]
+    if sweeps and len(args.run_dirs) > 1:
+        raise DistillError("a sweep's report covers one sweep folder", "pass the sweep folder alone: distill report runs/sweeps/NAME")
+    print(f"wrote {write_sweep_report(sweeps[0], args.out) if sweeps else write_report(args.run_dirs, args.out)}")
     return 0
 
 
@@ -142,8 +152,9 @@ def register(sub) -> None:
     add_storage_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>)")
+    p = sub.add_parser("report", help="an HTML page with plots for finished runs (curves, accuracy, calibration, cache size), "
+                                      "or over one sweep's trials")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<storage_path>/<name>), or one sweep folder")
     p.add_argument("--out", help="where to write the page (default: report.html beside the first run)")
     add_storage_args(p)
     p.set_defaults(func=cmd_report)

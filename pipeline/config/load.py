@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 from pydantic import ValidationError
@@ -19,7 +19,10 @@ from pipeline.config.train import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.storage import is_local, local_path
 
-AnyConfig = Union[PrecomputeConfig, TrainConfig]
+if TYPE_CHECKING:
+    from pipeline.config.sweep import SweepConfig
+
+AnyConfig = Union[PrecomputeConfig, TrainConfig, "SweepConfig"]
 # A discriminated union puts the chosen tag into an error's location (`source.parquet.uri`); users
 # write `source.uri`, so the tag is dropped from the field name they are told to fix.
 _UNION_TAGS = {"source": SOURCE_KINDS, "logits": LOGITS_MODES}
@@ -74,8 +77,11 @@ def config_kind(data: dict[str, Any]) -> str:
         return "precompute"
     if "student" in data:
         return "train"
+    if "train" in data:
+        return "sweep"
     raise DistillError(
-        "cannot tell the config's stage", "a precompute config has `teacher:`, a train config has `student:`"
+        "cannot tell the config's stage",
+        "a precompute config has `teacher:`, a train config has `student:`, a sweep has `train:`",
     )
 
 
@@ -133,9 +139,13 @@ def _resolve_references(data: dict[str, Any], path: str | os.PathLike, overrides
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, kind: str | None = None) -> AnyConfig:
-    """Read, override and validate a stage config. Raises DistillError naming the bad field."""
+    """Read, override and validate a stage config (or a sweep). Raises DistillError naming the bad field."""
+    kind = kind or config_kind(read_yaml(path))
+    if kind == "sweep":
+        from pipeline.config.sweep import load_sweep_config
+
+        return load_sweep_config(path, overrides)
     data = _resolve_references(read_yaml(path), path, overrides)
-    kind = kind or config_kind(data)
     model = PrecomputeConfig if kind == "precompute" else TrainConfig
     if kind == "train" and not data.get("name"):
         data["name"] = f"{Path(path).stem}-seed{data.get('seed', 0)}"

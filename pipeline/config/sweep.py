@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config.base import Strict
+from pipeline.config.base import Strict, absolute
 from pipeline.config.load import apply_overrides, format_validation, load_train_config, read_yaml
 from pipeline.config.train import TrainConfig
 from pipeline.errors import DistillError
@@ -71,6 +71,14 @@ class SweepConfig(Strict):
         if not (self.grid or self.random or self.also):
             raise ValueError("nothing varies: give `grid`, `random` or `also`")
         return self
+
+    @property
+    def job(self):
+        """What the sweep's Ray Job driver asks for (`distill submit sweep`): the base config's `job:`."""
+        return self.train.job
+
+    def with_absolute_paths(self) -> "SweepConfig":
+        return self.model_copy(update={"train": self.train.with_absolute_paths(), "storage_path": absolute(self.storage_path)})
 
     def points(self) -> list[dict[str, Any]]:
         """The grid's combinations, then the `also` trials: each a {field: value} override."""

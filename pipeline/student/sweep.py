@@ -30,7 +30,8 @@ from pipeline.student.trial import POINT, direct_trial, train_trial, values_of
 Log = Callable[[str], None]
 TRAIN_TRIAL_CPU = 0.01
 STATE_EVERY_S = 2  # seconds between saves of Tune's experiment state: what --resume restores
-TRIALS_DIR = "trials"  # <sweep>/trials/<trial id>/: each trial's config.json, result.json, student.pt
+TRIALS_DIR = "trials"
+TUNER_FILE = "tuner.pkl"  # Tune's saved Tuner: a sweep folder that can be resumed  # <sweep>/trials/<trial id>/: each trial's config.json, result.json, student.pt
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = Fa
     tasks = [check_student(c, manifest) for c in trial_cfgs]
     mode = trial_mode(cfg, {c.num_workers for c in trial_cfgs})
     if resume:
-        if not storage.exists(storage.join(sweep_dir, "tuner.pkl")):
+        if not storage.exists(storage.join(sweep_dir, TUNER_FILE)):
             raise DistillError(f"no sweep to resume at {sweep_dir}", "start it without --resume")
     elif storage.exists(sweep_dir):
         if not overwrite:
@@ -224,3 +225,13 @@ def finished_trials(sweep_dir: str) -> list[str]:
     if not fs.exists(root):
         return []
     return sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(root, detail=False) if fs.exists(f"{p}/{rundir.RESULT_FILE}"))
+
+
+if __name__ == "__main__":  # the Ray Job entrypoint of `distill submit sweep`: a resubmitted sweep finishes where it stopped
+    import sys
+
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.entrypoint import run_entrypoint
+
+    sys.exit(run_entrypoint("sweep", SweepConfig, lambda cfg, args: run_sweep(
+        cfg, resume=storage.exists(storage.join(sweep_dir_of(cfg), TUNER_FILE))), load=load_sweep_config))

@@ -47,7 +47,7 @@ def collect(cfg: SweepConfig, grid, context: dict[str, Any], manifest: Manifest,
         values = values_of(result.config)
         trial_cfg = config_of(result.config, context, trial_id)
         row: dict[str, Any] = {"trial_id": trial_id, "values": values, "label": point_label(values),
-                               "fields": {f: field_value(trial_cfg, f) for f in cfg.varied()}}
+                               "fields": {f: field_value(trial_cfg, f) for f in cfg.varied()}, "alpha": trial_cfg.alpha}
         if result.error is not None:
             trials.append({**row, "status": "failed", "error": str(result.error).strip().splitlines()[-1][:300]})
             continue

@@ -38,13 +38,14 @@ def cluster(tmp_path_factory):
     pre["cache_root"] = str(root / "cache")
     pre_path = write_yaml(root / "precompute.yaml", pre)
     env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "HOME": os.environ["HOME"], **ENV}
-    with ray_head(sys.executable, env) as (gcs, _):
+    with ray_head(sys.executable, env) as (gcs, url):
         assert distill("fit-teacher", pre_path, env=ENV).code == 0
         ran = distill("precompute", pre_path, "--address", gcs, env=ENV)
         assert ran.code == 0, ran.err[-3000:]
         train = yaml.safe_load(open(DIGITS_KD))
         train.update(precompute=pre_path, storage_path=str(root / "runs"), num_workers=1, cpus_per_worker=1)
-        yield gcs, write_yaml(root / "train.yaml", train), root
+        write_yaml(root / "train.yaml", train)
+        yield gcs, url, root
 
 
 def _sweep(root, name: str, **fields) -> str:
@@ -123,3 +124,14 @@ def test_a_killed_driver_resumes_the_unfinished_trials_and_keeps_the_finished(cl
         assert state and all(torch.isfinite(v).all() for v in state.values())
     again = distill("sweep", path, "--address", gcs, env=ENV)
     assert again.code == 2 and "already exists" in again.one_line_error() and "--resume" in again.err
+
+
+def test_submit_sweep_runs_it_as_a_ray_job(cluster):
+    _, url, root = cluster
+    path = _sweep(root, "submitted", set={"epochs": 2}, grid={"alpha": [0.0, 0.7]})
+    ran = distill("submit", "sweep", path, "--address", url, "--wait", "--working-dir", str(root), env=ENV)
+    assert ran.code == 0, (ran.out + ran.err)[-3000:]
+    assert "sweep job" in ran.out and "succeeded" in ran.out and "trial 2/2" in ran.out
+    trials = json.loads((root / "sweeps" / "submitted" / "sweep.json").read_text())["trials"]
+    assert sorted(t["alpha"] for t in trials) == [0.0, 0.7] and all(t["status"] == "finished" for t in trials)
+    assert load_train_config(str(root / "sweeps" / "submitted" / "best.yaml")).cache  # a cache URI, not the precompute config

@@ -10,8 +10,10 @@ SHIPPED = sorted(glob.glob("jobs/configs/**/*.yaml", recursive=True))
 
 @pytest.mark.parametrize("path", SHIPPED)
 def test_every_shipped_config_validates(path):
+    from pipeline.config.sweep import SweepConfig
+
     cfg = load_config(path)
-    assert isinstance(cfg, (PrecomputeConfig, TrainConfig))
+    assert isinstance(cfg, (PrecomputeConfig, TrainConfig, SweepConfig))
 
 
 def test_shipped_configs_exist():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-DOCS = ["design", "cache-format", "methods", "cluster", "failures", "benchmarks"]
+DOCS = ["design", "cache-format", "methods", "sweeps", "cluster", "failures", "benchmarks"]
 PAGES = [Path("README.md"), *(Path("docs") / f"{name}.md" for name in DOCS)]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from pipeline import rundir, storage
+from pipeline import storage
 from pipeline.config.sweep import SweepConfig, apply_point, point_label
 from pipeline.errors import DistillError
 from pipeline.runtime import TUNE_NEW_OUTPUT_ENV, ensure_ray, verbose
@@ -213,18 +213,6 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.log(f"{self._name(trial)} FAILED: see its traceback above ({trial.path})")
-
-
-def trial_dir(sweep_dir: str, trial_id: str) -> str:
-    return storage.join(sweep_dir, TRIALS_DIR, trial_id)
-
-
-def finished_trials(sweep_dir: str) -> list[str]:
-    """Trial folders that hold a result.json."""
-    fs, root = storage.filesystem(storage.join(sweep_dir, TRIALS_DIR))
-    if not fs.exists(root):
-        return []
-    return sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(root, detail=False) if fs.exists(f"{p}/{rundir.RESULT_FILE}"))
 
 
 if __name__ == "__main__":  # the Ray Job entrypoint of `distill submit sweep`: a resubmitted sweep finishes where it stopped

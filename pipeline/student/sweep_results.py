@@ -19,9 +19,9 @@ TABLE_FILE = "sweep.md"
 BEST_FILE = "best.yaml"
 
 
-def _checkpoint(result, mode: str):
-    """The trial's latest checkpoint: Tune's own for direct trials; the Train run's, whose path Tune's
-    report callback adds to the metrics, for train trials."""
+def _checkpoint(result, mode: str, trials_path: str):
+    """The trial's latest checkpoint: Tune's own for direct trials; the Train run's, whose path (on the
+    run's filesystem, without a scheme) Tune's report callback adds to the metrics, for train trials."""
     if mode == "direct":
         return result.checkpoint
     path = (result.metrics or {}).get("checkpoint_path")
@@ -29,10 +29,8 @@ def _checkpoint(result, mode: str):
         return None
     import ray.train
 
-    if storage.is_local(path):
-        return ray.train.Checkpoint(path)
-    fs, _ = storage.arrow_filesystem(path)
-    return ray.train.Checkpoint(path.split("://", 1)[-1], filesystem=fs)
+    fs = None if storage.is_local(trials_path) else storage.arrow_filesystem(trials_path)[0]
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def collect(cfg: SweepConfig, grid, context: dict[str, Any], manifest: Manifest, cache_uri: str, mode: str,
@@ -54,7 +52,7 @@ def collect(cfg: SweepConfig, grid, context: dict[str, Any], manifest: Manifest,
         run_dir = storage.join(context["trials_path"], trial_id)
         rundir.write_config(run_dir, trial_cfg.model_dump(mode="json"))
         task = check_student(trial_cfg, manifest)
-        record = result_record(trial_cfg, task, manifest, cache_uri, run_dir, _checkpoint(result, mode), result.metrics,
+        record = result_record(trial_cfg, task, manifest, cache_uri, run_dir, _checkpoint(result, mode, context["trials_path"]), result.metrics,
                                float((result.metrics or {}).get("time_total_s", 0.0)))
         record["sweep"] = {"name": cfg.name, "values": values}
         rundir.write_result(run_dir, record)

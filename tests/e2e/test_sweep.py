@@ -126,12 +126,22 @@ def test_a_killed_driver_resumes_the_unfinished_trials_and_keeps_the_finished(cl
     assert again.code == 2 and "already exists" in again.one_line_error() and "--resume" in again.err
 
 
-def test_submit_sweep_runs_it_as_a_ray_job(cluster):
+def test_submitted_sweep_of_multi_worker_students_runs_ray_train_trials(cluster):
     _, url, root = cluster
-    path = _sweep(root, "submitted", set={"epochs": 2}, grid={"alpha": [0.0, 0.7]})
+    path = _sweep(root, "submitted", set={"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "in_memory": False},
+                  grid={"alpha": [0.0, 0.7]}, max_concurrent_trials=2)
     ran = distill("submit", "sweep", path, "--address", url, "--wait", "--working-dir", str(root), env=ENV)
     assert ran.code == 0, (ran.out + ran.err)[-3000:]
-    assert "sweep job" in ran.out and "succeeded" in ran.out and "trial 2/2" in ran.out
-    trials = json.loads((root / "sweeps" / "submitted" / "sweep.json").read_text())["trials"]
-    assert sorted(t["alpha"] for t in trials) == [0.0, 0.7] and all(t["status"] == "finished" for t in trials)
-    assert load_train_config(str(root / "sweeps" / "submitted" / "best.yaml")).cache  # a cache URI, not the precompute config
+    assert "sweep job" in ran.out and "succeeded" in ran.out and "(train trials)" in ran.out and "trial 2/2" in ran.out
+    sweep_dir = root / "sweeps" / "submitted"
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = summary["trials"]
+    assert summary["trial_mode"] == "train" and sorted(t["alpha"] for t in trials) == [0.0, 0.7]
+    assert all(t["status"] == "finished" and t["epochs"] == 2 for t in trials)
+    for t in trials:  # each trial a 2-worker Ray Train run, its checkpoints in the trial's folder
+        result = json.loads((sweep_dir / "trials" / t["trial_id"] / "result.json").read_text())
+        assert result["num_workers"] == 2 and result["workers_with_teacher"] == 0
+        assert result["checkpoint"].startswith(str(sweep_dir / "trials" / t["trial_id"]))
+        assert (sweep_dir / "trials" / t["trial_id"] / "student.pt").exists()
+    assert load_train_config(str(sweep_dir / "best.yaml")).cache  # a cache URI, not the precompute config
+

@@ -141,3 +141,27 @@ def test_permanent_s3_error_stops_clearly_and_publishes_nothing(digits_stage1, s
         assert not fs.exists("distill/denied") or not fs.glob("distill/denied/**/manifest.json")
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("trial", ["direct", "train"])
+def test_a_sweep_writes_its_folder_to_s3(digits_stage1, s3, tmp_path, capsys, trial):
+    endpoint, fs = s3
+    train = yaml.safe_load(open(DIGITS_KD))
+    train.update(precompute=digits_stage1["config_path"], storage={"endpoint_url": endpoint}, epochs=2, num_workers=1,
+                 cpus_per_worker=1)
+    write_yaml(tmp_path / "train.yaml", train)
+    sweep = write_yaml(tmp_path / "sweep.yaml", {"train": "train.yaml", "name": f"s3-{trial}", "storage_path": "s3://distill/sweeps",
+                                                  "grid": {"alpha": [0.0, 0.7]}, "trial": trial, "max_concurrent_trials": 1})
+    assert main(["sweep", sweep]) == 0
+    root = f"distill/sweeps/s3-{trial}"
+    summary = json.loads(fs.cat(f"{root}/sweep.json"))
+    assert summary["trial_mode"] == trial and [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    for t in summary["trials"]:
+        assert t["run_dir"] == f"s3://{root}/trials/{t['trial_id']}"
+        result = json.loads(fs.cat(f"{root}/trials/{t['trial_id']}/result.json"))
+        assert result["epochs"] == 2 and result["checkpoint"].startswith(f"s3://{root}/")
+        assert fs.exists(f"{root}/trials/{t['trial_id']}/student.pt")
+    best = yaml.safe_load(fs.cat(f"{root}/best.yaml"))
+    assert best["storage"]["endpoint_url"] == endpoint and best["cache"] == summary["cache"]
+    assert main(["report", f"s3://{root}", "--endpoint-url", endpoint]) == 0
+    assert fs.exists(f"{root}/report.html")

@@ -1,11 +1,14 @@
 """`make bench-topk`: which sparse token signal trains a student as well as full logits, with known noise.
 
-A BPE vocabulary of 8,192 and a causal-LM teacher (`lm_teacher`) are trained locally on a prefix of
-Python's standard library sources (by default 8 MB, about 4x the tokens any student sees). Over a
-smaller prefix (the cache corpus, split by document exactly as the teacher's was, so held-out
-documents are unseen by both), one cache per signal. The same student (`lm_small`) trains from each
-through the real pipeline (Ray Train), one pass over the cache (tokens seen once, so a sampled
-signal's noise is not replayed every epoch), with the product's default loss (kd 0.5 + ce 0.5, T = 1).
+A BPE vocabulary (`--vocab`, 2,048 by default) and a causal-LM teacher (`lm_teacher`) are trained
+locally on a prefix of Python's standard library sources (8 MB, about 4x the tokens any student
+sees; shared with `make bench-screen`). Over a smaller prefix (the cache corpus, 2 MB, split by
+document exactly as the teacher's was, so held-out documents are unseen by both), one cache per
+signal. The same student (`lm_small`) trains from each through the real pipeline (Ray Train), one
+pass over the cache in batches of 8 windows (tokens seen once, so a sampled signal's noise is not
+replayed every epoch), with the product's default loss (kd 0.5 + ce 0.5, T = 1). A student already
+trained with the same config (an earlier run of this bench) is reused, so adding signals to a
+finished comparison trains only the new ones (`--retrain` trains all).
 
 Each seed is one paired replicate: the student's init and data order, and the draws of every
 sampled cache, change with it; full logits and top-k are deterministic and shared. Per seed,
@@ -18,7 +21,7 @@ Reported as mean and sample standard deviation over seeds, with full KD's own se
 token are the signal's raw column bytes and its Parquet-compressed bytes as stored.
 
 Writes runs/bench/topk_fidelity.json and .md. Exits 1 when no signal is within 1% of full-KD
-perplexity at <= 100 raw bytes per token.
+perplexity at <= 100 raw bytes per token (the table also names the best at <= 100 stored bytes).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ SIGNALS: dict[str, tuple[dict | None, str]] = {
     "priority25": ({"mode": "sampled", "k": 25, "estimator": "priority", **T1}, "bucket"),
     "head_tail25-6": ({"mode": "sampled", "k": 25, "estimator": "head_tail", "head": 6, **T1}, "bucket"),
     "multinomial12": ({"mode": "sampled", "k": 12, **T1}, "bucket"),
+    "head_tail12-3": ({"mode": "sampled", "k": 12, "estimator": "head_tail", "head": 3, **T1}, "bucket"),
+    "head_tail50-12": ({"mode": "sampled", "k": 50, "estimator": "head_tail", "head": 12, **T1}, "bucket"),
     "priority12": ({"mode": "sampled", "k": 12, "estimator": "priority", **T1}, "bucket"),
     "topk32": ({"mode": "topk", "k": 32, "values": "uint8", **T1}, "bucket"),
     "topk32-uniform": ({"mode": "topk", "k": 32, "values": "uint8", **T1}, "uniform"),
@@ -93,6 +98,17 @@ def _sd(x) -> float:
     return float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")
 
 
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The result of a run this bench already trained with exactly this config (same cache, seed and
+    schedule: the same student), so adding signals to a finished comparison trains only the new ones."""
+    path = os.path.join(cfg.storage_path, cfg.name, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return result if result.get("config") == cfg.model_dump(mode="json") and result.get("weights") else None
+
+
 def stored_bytes(manifest) -> tuple[float, float]:
     """(raw, Parquet-compressed) bytes per token position of the signal's columns."""
     logits, vocab = manifest.logits(), manifest.num_classes
@@ -117,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--cpus-per-worker", type=float, default=2)
+    parser.add_argument("--retrain", action="store_true", help="train every student again, even one already trained with its config")
     args = parser.parse_args(argv)
     names = args.signals.split(",")
     if unknown := set(names) - set(SIGNALS):
@@ -155,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": 1, "cpus_per_worker": args.cpus_per_worker,
                 "storage_path": os.path.abspath(os.path.join(work, "runs")), "seed": seed,
             })
-            print(f"== seed {seed} {name}: student ==", flush=True)
-            result = run_train(cfg, overwrite=True).result
+            result = None if args.retrain else finished_run(cfg)
+            print(f"== seed {seed} {name}: student{' (already trained with this config)' if result else ''} ==", flush=True)
+            result = result or run_train(cfg, overwrite=True).result
             student = build_model(ModelSpec(**STUDENT, weights=result["weights"]), input_shape=(args.seq_len,), num_classes=vocab).eval()
             value = evaluate(student, val)["val_perplexity"]
             ppl[name].append(value)
@@ -169,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     stats = paired(ppl)
     for name, row in stats.items():
         row["bytes_per_token"], row["stored_bytes_per_token"] = sizes.get(name, (0.0, 0.0))
-    sparse = {n: r for n, r in stats.items() if n not in ("full", "hard") and r["bytes_per_token"] <= 100}
-    best = min(sparse, key=lambda n: sparse[n]["ratio_mean"]) if sparse else None
-    met = best is not None and sparse[best]["ratio_mean"] <= 1.01
+    def best_within(key: str) -> str | None:
+        fits = {n: r for n, r in stats.items() if n not in ("full", "hard") and r[key] <= 100}
+        return min(fits, key=lambda n: fits[n]["ratio_mean"]) if fits else None
+
+    best, best_stored = best_within("bytes_per_token"), best_within("stored_bytes_per_token")
+    met = best is not None and stats[best]["ratio_mean"] <= 1.01
+    met_stored = best_stored is not None and stats[best_stored]["ratio_mean"] <= 1.01
     full_log_sd = _sd(np.log(ppl["full"]))
     summary = {
-        "vocab_size": vocab, "signals": stats, "runs": runs, "best": best, "target": {"ratio_max": 1.01, "bytes_per_token_max": 100, "met": met},
+        "vocab_size": vocab, "signals": stats, "runs": runs, "best": best, "best_stored": best_stored,
+        "target": {"ratio_max": 1.01, "bytes_per_token_max": 100, "met": met, "met_stored": met_stored},
         "full_kd_seed_sd_log_ppl": full_log_sd,
         "teacher": {"factory": TEACHER["factory"], "val_perplexity": round(teacher_ppl, 3), "train_bytes": args.teacher_bytes,
                     "epochs": args.teacher_epochs},
@@ -191,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         size = "-" if name == "hard" else f"{r['bytes_per_token']:.0f} ({r['stored_bytes_per_token']:.0f})"
         rec = f"{100 * r['recovered_mean']:.1f}% ± {100 * r['recovered_sd']:.1f}" if "recovered_mean" in r else "-"
         md.append(f"| {name} | {size} | {r['ppl_mean']:.2f} ± {r['ppl_sd']:.2f} | {r['ratio_mean']:.3f} ± {r['ratio_sd']:.3f} | {rec} |")
-    md += ["", f"Target (a signal within 1% of full-KD perplexity at <= 100 raw bytes/token): "
-               f"{'met' if met else 'MISSED'}; best: {best} at {stats[best]['ratio_mean']:.3f}x." if best else "no sparse signal ran."]
+    md.append("")
+    for label, name, ok in (("raw", best, met), ("stored", best_stored, met_stored)):
+        md.append(f"Target (a signal within 1% of full-KD perplexity at <= 100 {label} bytes/token): "
+                  + (f"{'met' if ok else 'MISSED'}; best: {name} at {stats[name]['ratio_mean']:.3f}x." if name else "no signal fits."))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "topk_fidelity.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -35,12 +35,12 @@ def config_of(config: dict[str, Any], context: dict[str, Any], trial_id: str | N
     return trial_config(context["base"], values_of(config), trial_id, context["trials_path"])
 
 
-def loop_config(cfg: TrainConfig, context: dict[str, Any]) -> dict[str, Any]:
+def planned(cfg: TrainConfig, context: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's shard plan with this trial's step budget (its epochs and batch size may be its own)."""
     from pipeline.student.run import step_budget
 
-    data = context["data"]
-    _, total = step_budget(cfg, data, context["units_per_row"])
-    return {"train": cfg.model_dump(mode="json"), **data, "total_steps": total, "manifest": context["manifest"]}
+    _, total = step_budget(cfg, context["data"], context["units_per_row"])
+    return {**context["data"], "total_steps": total}
 
 
 def direct_trial(config: dict[str, Any], context: dict[str, Any], shared: dict[str, Any] | None = None) -> None:
@@ -55,7 +55,8 @@ def direct_trial(config: dict[str, Any], context: dict[str, Any], shared: dict[s
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     cfg = config_of(config, context)
     storage.configure(**cfg.storage.model_dump())
-    run_loop({**loop_config(cfg, context), "preloaded": shared}, TuneSession())
+    run_loop({"train": cfg.model_dump(mode="json"), "manifest": context["manifest"], **planned(cfg, context),
+              "preloaded": shared}, TuneSession())
 
 
 def train_trial(config: dict[str, Any], context: dict[str, Any], shared: dict[str, Any] | None = None) -> None:
@@ -68,6 +69,4 @@ def train_trial(config: dict[str, Any], context: dict[str, Any], shared: dict[st
     cfg = config_of(config, context)
     storage.configure(**cfg.storage.model_dump())
     manifest = Manifest.model_validate(context["manifest"])
-    trainer = make_trainer(cfg, manifest, {k: v for k, v in loop_config(cfg, context).items() if k not in ("train", "manifest")},
-                           callbacks=[TuneReportCallback()])
-    trainer.fit()
+    make_trainer(cfg, manifest, planned(cfg, context), callbacks=[TuneReportCallback()]).fit()

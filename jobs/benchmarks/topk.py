@@ -61,6 +61,7 @@ SIGNALS: dict[str, tuple[dict | None, str]] = {
     "head_tail12-3": ({"mode": "sampled", "k": 12, "estimator": "head_tail", "head": 3, **T1}, "bucket"),
     "head_tail50-12": ({"mode": "sampled", "k": 50, "estimator": "head_tail", "head": 12, **T1}, "bucket"),
     "priority12": ({"mode": "sampled", "k": 12, "estimator": "priority", **T1}, "bucket"),
+    "priority6": ({"mode": "sampled", "k": 6, "estimator": "priority", **T1}, "bucket"),
     "topk32": ({"mode": "topk", "k": 32, "values": "uint8", **T1}, "bucket"),
     "topk32-uniform": ({"mode": "topk", "k": 32, "values": "uint8", **T1}, "uniform"),
     "topk64": ({"mode": "topk", "k": 64, "values": "uint8", **T1}, "bucket"),

@@ -182,6 +182,10 @@ def _run_config(cfg: SweepConfig, sweep_dir: str, total: int, log: Log):
     )
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 class Progress(Callback):
     """One line when a trial starts, at most one per trial every 10 s while it trains, one when it ends."""
 
@@ -189,6 +193,12 @@ class Progress(Callback):
         self.cfg, self.total, self.log = cfg, total, log
         self.index: dict[str, int] = {}
         self.last: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment (what --resume restores). The caller's `log`
+        # need not pickle: after a Ray Train run in the same process, `print` itself is Ray's
+        # replacement, which pickle refuses. A restored sweep prints.
+        return {**self.__dict__, "log": _say}
 
     def _name(self, trial) -> str:
         n = self.index.setdefault(trial.trial_id, len(self.index) + 1)

@@ -113,3 +113,18 @@ def test_the_shipped_mnist_sweep_is_valid():
     assert len(points) == 10 and sum(p.get("alpha") == 0.0 for p in points) == 2
     assert cfg.train.num_workers == 1 and cfg.train.epochs == 20 and cfg.scheduler is None
     assert yaml.safe_load(open("jobs/configs/mnist/sweep-kd.yaml"))["train"] == "train-kd.yaml"
+
+
+def test_the_progress_callback_pickles_after_ray_train_replaced_print(monkeypatch):
+    """Tune pickles its callbacks with the experiment; after a Ray Train run in the same process
+    `print` is Ray's replacement, which pickle cannot save by reference."""
+    import builtins
+    import pickle
+
+    from pipeline.student.sweep import Progress
+
+    original = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: original(*a, **k))
+    cfg = SweepConfig.model_validate({"train": BASE, "grid": {"seed": [0]}})
+    restored = pickle.loads(pickle.dumps(Progress(cfg, 1, original)))
+    assert restored.total == 1 and restored.cfg == cfg and callable(restored.log)

@@ -15,6 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from pipeline import storage
+from pipeline.config.sweep import value_label
 from pipeline.errors import DistillError
 from pipeline.report import _CSS, DPI, _img, _row, _section, _table
 from pipeline.rundir import read_result
@@ -25,13 +26,6 @@ BEST_CURVES = 3
 
 def is_sweep(path: str) -> bool:
     return storage.exists(storage.join(path, SWEEP_FILE))
-
-
-def _label(value: Any) -> str:
-    if isinstance(value, dict) and "factory" in value:
-        kwargs = ",".join(f"{k}={str(v).replace(' ', '')}" for k, v in (value.get("kwargs") or {}).items())
-        return f"{value['factory'].split(':')[-1]}({kwargs})"
-    return str(value).replace(" ", "")
 
 
 def write_sweep_report(sweep_dir: str, out_path: str | None = None) -> str:
@@ -57,7 +51,7 @@ def write_sweep_report(sweep_dir: str, out_path: str | None = None) -> str:
 
 def _trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> str:
     fields, metric = sweep["varied"], sweep["metric"]
-    rows = [_row([str(i), t["trial_id"], *(_label(t["fields"].get(f)) for f in fields),
+    rows = [_row([str(i), t["trial_id"], *(value_label(t["fields"].get(f)) for f in fields),
                   f"{t['metric']:.4f}" if t.get("metric") is not None else "–",
                   f"{t['epochs']:g}" if t.get("epochs") is not None else "–", t["status"]], num_from=2 + len(fields))
             for i, t in enumerate(trials, 1)]
@@ -99,8 +93,8 @@ def _by_field(trials: list[dict[str, Any]], metric: str, fields: list[str]) -> s
         if numeric:
             xs = values
         else:
-            categories = list(dict.fromkeys(_label(v) for v in values))
-            xs = [categories.index(_label(v)) for v in values]
+            categories = list(dict.fromkeys(value_label(v) for v in values))
+            xs = [categories.index(value_label(v)) for v in values]
             ax.set_xticks(range(len(categories)), categories, rotation=20, fontsize=7)
         colours = ["C1" if t["status"] == "stopped early" else "C0" for t in scored]
         ax.scatter(xs, [t["metric"] for t in scored], c=colours, s=18)

@@ -129,14 +129,17 @@ def check_points(cfg: SweepConfig, path: str) -> None:
                                    "set eval_every equal to checkpoint_every in the base train config, or leave both unset")
 
 
+def value_label(value: Any) -> str:
+    """A swept value in a line or a table cell: a student as `factory(kwargs)`, anything else without spaces."""
+    if isinstance(value, dict) and "factory" in value:
+        kwargs = ",".join(f"{k}={str(v).replace(' ', '')}" for k, v in (value.get("kwargs") or {}).items())
+        return f"{value['factory'].split(':')[-1]}({kwargs})"
+    return str(value).replace(" ", "")
+
+
 def point_label(point: dict[str, Any]) -> str:
     """`loss.temperature=4 alpha=0.9 student=mlp(hidden=[128])`: what a trial varies, for lines and tables."""
-    def short(v: Any) -> str:
-        if isinstance(v, dict) and "factory" in v:
-            kwargs = ",".join(f"{k}={str(v2).replace(' ', '')}" for k, v2 in (v.get("kwargs") or {}).items())
-            return f"{v['factory'].split(':')[-1]}({kwargs})"
-        return str(v).replace(" ", "")
-    return " ".join(f"{k}={short(v)}" for k, v in point.items())
+    return " ".join(f"{k}={value_label(v)}" for k, v in point.items())
 
 
 def load_sweep_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:

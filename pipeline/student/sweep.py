@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import ray.tune
 from ray.tune import Callback
 
 from pipeline import storage
@@ -30,8 +31,8 @@ from pipeline.student.trial import POINT, direct_trial, train_trial, values_of
 Log = Callable[[str], None]
 TRAIN_TRIAL_CPU = 0.01
 STATE_EVERY_S = 2  # seconds between saves of Tune's experiment state: what --resume restores
-TRIALS_DIR = "trials"
-TUNER_FILE = "tuner.pkl"  # Tune's saved Tuner: a sweep folder that can be resumed  # <sweep>/trials/<trial id>/: each trial's config.json, result.json, student.pt
+TRIALS_DIR = "trials"  # <sweep>/trials/<trial id>/: each trial's config.json, result.json, student.pt
+TUNER_FILE = "tuner.pkl"  # Tune's saved Tuner: a sweep folder that can be resumed
 
 
 @dataclass
@@ -75,8 +76,6 @@ def materialise(cache_uri: str, data: dict[str, Any], tasks: list, log: Log) -> 
 def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
               log: Log = print) -> SweepResult:
     """Run (or, with `resume`, finish) the sweep; returns its trials sorted by the metric."""
-    import ray.tune
-
     base = cfg.train
     storage.configure(**base.storage.model_dump())
     storage.check_reachable(cfg.storage_path, "sweep storage path")
@@ -118,10 +117,9 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = Fa
         f"({mode} trials{', ASHA early stopping' if cfg.scheduler else ''}) -> {sweep_dir}")
     started = time.time()
     if resume:
-        fs = None if storage.is_local(sweep_dir) else storage.arrow_filesystem(sweep_dir)[0]
-        tuner = ray.tune.Tuner.restore(sweep_dir if fs is None else storage.arrow_filesystem(sweep_dir)[1], trainable,
-                                       resume_unfinished=True, restart_errored=True, param_space=param_space,
-                                       storage_filesystem=fs)
+        fs, path = (None, sweep_dir) if storage.is_local(sweep_dir) else storage.arrow_filesystem(sweep_dir)
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                                       param_space=param_space, storage_filesystem=fs)
     else:
         tuner = ray.tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(cfg, mode, base.epochs),
                                run_config=_run_config(cfg, sweep_dir, total, log))
@@ -144,14 +142,11 @@ def _resources(mode: str, base: dict[str, Any]) -> dict[str, float]:
 
 
 def _domain(spec: dict[str, list[Any]]):
-    import ray.tune
-
     kind, args = next(iter(spec.items()))
     return ray.tune.choice(args) if kind == "choice" else getattr(ray.tune, kind)(*args)
 
 
 def _tune_config(cfg: SweepConfig, mode: str, epochs: int):
-    import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
@@ -170,8 +165,6 @@ def _tune_config(cfg: SweepConfig, mode: str, epochs: int):
 
 
 def _run_config(cfg: SweepConfig, sweep_dir: str, total: int, log: Log):
-    import ray.tune
-
     if storage.is_local(sweep_dir):
         root, fs = storage.local_path(cfg.storage_path), None
     else:

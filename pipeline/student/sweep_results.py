@@ -11,7 +11,7 @@ import yaml
 
 from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest
-from pipeline.config.sweep import SweepConfig, point_label
+from pipeline.config.sweep import SweepConfig, point_label, value_label
 from pipeline.student.trial import config_of, values_of
 
 SWEEP_FILE = "sweep.json"
@@ -112,7 +112,7 @@ def table_lines(cfg: SweepConfig, trials: list[dict[str, Any]]) -> list[str]:
     head = ["rank", "trial", *fields, cfg.metric, "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, t in enumerate(trials, 1):
-        cells = {f: point_label({f: v}).split("=", 1)[1] for f, v in t["fields"].items()}
+        cells = {f: value_label(v) for f, v in t["fields"].items()}
         metric = f"{t['metric']:.4f}" if t.get("metric") is not None else "-"
         epochs = f"{t['epochs']:g}" if t.get("epochs") is not None else "-"
         lines.append("| " + " | ".join([str(i), t["trial_id"], *(cells.get(f, "-") for f in fields), metric, epochs, t["status"]]) + " |")

@@ -19,7 +19,7 @@ from pipeline.cache.shards import list_shard_files
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
 from pipeline.report import write_report
-from pipeline.student.run import run_train
+from pipeline.student.train.driver import TrainResult, run_train
 from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.precompute import run_precompute
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         hit_on_reuse = again.hit and again.rows_computed == 0 and _shard_state(again.uri) == before
         manifest = again.manifest
 
-        results: dict[str, list[dict]] = {}
+        results: dict[str, list[TrainResult]] = {}
         for name, overrides in STUDENTS.items():
             for seed in range(args.seeds):
                 extra = [f"seed={seed}", f"name=demo-{name}-seed{seed}", f"storage_path={args.out}/train"]
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra.append(f"epochs={args.epochs}")
                 cfg = load_train_config(TRAIN, overrides + extra)
                 print(f"== stage 2: {name}, seed {seed} ==", flush=True)
-                run = run_train(cfg, overwrite=True)
-                results.setdefault(name, []).append({**run.result, "run_dir": run.run_dir})
+                results.setdefault(name, []).append(run_train(cfg, existing="overwrite"))
     except DistillError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2
@@ -80,20 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()  # flush the workers' logs now, so they do not land under the table
     students = []
     for name, runs in results.items():
-        acc = [r["metrics"]["val_accuracy"] for r in runs]
+        acc = [r.result.metrics["val_accuracy"] for r in runs]
         students.append({
             "name": name,
-            "alpha": runs[0]["alpha"],
-            "temperature": runs[0]["temperature"],
+            "alpha": runs[0].result.alpha,
+            "temperature": runs[0].result.temperature,
             "seeds": len(runs),
             "accuracy_mean": statistics.mean(acc),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "agreement_mean": statistics.mean(r["metrics"]["val_agreement"] for r in runs),
-            "kl_mean": statistics.mean(r["metrics"]["val_kl"] for r in runs),
-            "epochs": runs[0]["epochs"],
+            "agreement_mean": statistics.mean(r.result.metrics["val_agreement"] for r in runs),
+            "kl_mean": statistics.mean(r.result.metrics["val_kl"] for r in runs),
+            "epochs": runs[0].result.epochs,
         })
     summary = {
-        "teacher": {"accuracy": results["kd"][0]["metrics"]["teacher_val_accuracy"], "factory": pre.teacher.factory},
+        "teacher": {"accuracy": results["kd"][0].result.metrics["teacher_val_accuracy"], "factory": pre.teacher.factory},
         "cache": {"uri": first.uri, "rows": manifest.rows, "bytes": manifest.bytes, "hit_on_reuse": hit_on_reuse},
         "students": students,
         "wall_s": round(time.time() - started, 1),
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in students:
         print(f"{s['name']:<12} {s['alpha']:>5.2f} {s['temperature']:>4.1f} {s['seeds']:>5} "
               f"{100 * s['accuracy_mean']:>14.2f} ± {100 * s['accuracy_std']:.2f} {100 * s['agreement_mean']:>9.2f}% {s['kl_mean']:>7.3f}")
-    report = write_report([r["run_dir"] for runs in results.values() for r in runs], os.path.join(args.out, "report.html"))
+    report = write_report([r.run_dir for runs in results.values() for r in runs], os.path.join(args.out, "report.html"))
     print(f"\nwrote {os.path.join(args.out, 'summary.json')} and {report} in {summary['wall_s']:.0f}s")
     return 0
 

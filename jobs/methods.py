@@ -20,8 +20,8 @@ from pipeline import storage
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
 from pipeline.report import write_report
-from pipeline.student.model import loss_inputs
-from pipeline.student.run import run_train
+from pipeline.student.tasks.tapped import loss_inputs
+from pipeline.student.train.driver import TrainResult, run_train
 from pipeline.teacher.fit import fit_teacher
 from pipeline.teacher.precompute import run_precompute
 
@@ -51,21 +51,20 @@ def _signals(manifest, cfg) -> dict[str, float]:
     return {c: per_col.get(c, 0.0) for c in cols}
 
 
-def _train(method: str, path: str, seeds: int, out: str, epochs: int | None, overrides=()) -> list[dict]:
+def _train(method: str, path: str, seeds: int, out: str, epochs: int | None, overrides=()) -> list[TrainResult]:
     runs = []
     for seed in range(seeds):
         extra = [*overrides, f"seed={seed}", f"name={method}-seed{seed}", f"storage_path={out}/train"]
         if epochs:
             extra.append(f"epochs={epochs}")
         print(f"== {method}, seed {seed} ==", flush=True)
-        run = run_train(load_train_config(path, extra), overwrite=True)
-        runs.append({**run.result, "run_dir": run.run_dir})
+        runs.append(run_train(load_train_config(path, extra), existing="overwrite"))
     return runs
 
 
-def _row(method: str, runs: list[dict], manifest, cfg) -> dict:
-    acc = [r["metrics"]["val_accuracy"] for r in runs]
-    agree = [r["metrics"]["val_agreement"] for r in runs]
+def _row(method: str, runs: list[TrainResult], manifest, cfg) -> dict:
+    acc = [r.result.metrics["val_accuracy"] for r in runs]
+    agree = [r.result.metrics["val_agreement"] for r in runs]
     signals = _signals(manifest, cfg)
     return {
         "method": method,
@@ -75,11 +74,11 @@ def _row(method: str, runs: list[dict], manifest, cfg) -> dict:
         "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
         "agreement_mean": statistics.mean(agree),
         "agreement_std": statistics.stdev(agree) if len(agree) > 1 else 0.0,
-        "teacher_accuracy": runs[0]["metrics"]["teacher_val_accuracy"],
+        "teacher_accuracy": runs[0].result.metrics["teacher_val_accuracy"],
         "cache_bytes_per_row": signals,
-        "epochs": runs[0]["epochs"],
-        "wall_s_mean": statistics.mean(r["wall_s"] for r in runs),
-        "runs": [r["run_dir"] for r in runs],
+        "epochs": runs[0].result.epochs,
+        "wall_s_mean": statistics.mean(r.result.wall_s for r in runs),
+        "runs": [r.run_dir for r in runs],
     }
 
 

@@ -29,7 +29,7 @@ def run_entrypoint(stage: str, model: type[BaseModel], run: Callable[[BaseModel,
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"Ray Job entrypoint: {stage}")
     parser.add_argument("config", nargs="?", help=f"YAML config (default: the JSON in ${CONFIG_ENV})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--force", action="store_true", help="precompute only: recompute an existing cache")
+    parser.add_argument("--force", action="store_true", help="precompute: recompute an existing cache; train: start an existing run over")
     args = parser.parse_args(argv)
     try:
         if args.config:

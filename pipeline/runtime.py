@@ -70,6 +70,7 @@ def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
+        configure_data_context()  # this driver's datasets, whoever connected first
         return
     for name, value in JOB_ENV.items():
         os.environ.setdefault(name, value)
@@ -113,8 +114,12 @@ def configure_data_context() -> None:
     of the user's terminal: our own progress lines say the same in one line.
     """
     import ray.data
+    from ray.data.extensions import FixedShapeTensorFormat
 
     ctx = ray.data.DataContext.get_current()
+    # Per-row tensors as Arrow's canonical `arrow.fixed_shape_tensor`, not Ray's own extension type:
+    # the cache is then readable by any Arrow tool without Ray (see pipeline/cache/tensors.py).
+    ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         ctx.use_datasource_v2 = False
     if not verbose():
@@ -176,12 +181,26 @@ def auth_error(e: BaseException, address: str) -> DistillError | None:
 
 def root_cause(e: BaseException) -> str:
     """The user-facing line inside a Ray error: our own DistillError if a task or actor raised one,
-    else the last line of the innermost cause (Ray wraps worker errors in its own types)."""
+    else `Type: last line` of the innermost cause. Ray wraps a worker's exception in `RayTaskError`
+    (its `.cause` is the original) and Train wraps that again (`__cause__`)."""
+    from pipeline.errors import DistillError
+
+    marker = "DistillError: "  # a DistillError Ray could not carry as itself: only its text came back
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DistillError):
+            return e.line()
+        text = str(e)
+        if marker in text:
+            return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            e = inner
+        elif e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
     text = str(e)
-    marker = "DistillError: "
-    if marker in text:
-        return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
-    while e.__cause__ is not None:
-        e = e.__cause__
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__

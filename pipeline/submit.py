@@ -23,12 +23,14 @@ from pipeline.config import PrecomputeConfig, TrainConfig
 from pipeline.config.sweep import SweepConfig
 from pipeline.entrypoint import CONFIG_ENV, MODULES
 from pipeline.errors import DistillError
-from pipeline.runtime import JOB_ENV, auth_error, probe
+from pipeline.runtime import JOB_ENV, auth_error, probe, root_cause
 
 # The module each stage's job runs, from the package installed on the cluster.
 STAGE_MODULES = MODULES
 # Never shipped in the working_dir (Ray also honours .gitignore and .rayignore).
-EXCLUDES = [".git", ".venv", "venv", "runs", "*.pt", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist"]
+# Build artefacts (wheels, sdists, eggs) never travel either: a job runs the package installed on the cluster.
+EXCLUDES = [".git", ".venv", "venv", "runs", "*.pt", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist",
+            "*.whl", "*.tar.gz", "*.egg", ".mypy_cache", ".ruff_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -78,9 +80,8 @@ def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig | Sweep
     """
     train = cfg.train if isinstance(cfg, SweepConfig) else cfg if isinstance(cfg, TrainConfig) else None
     if train is not None and train.precompute:  # the job reads the cache the precompute config last produced
-        from pipeline.student.checks import resolve_cache_uri
+        from pipeline.student.prelude import resolve_cache_uri
 
-        storage.configure(**train.storage.model_dump())
         train = train.model_copy(update={"cache": resolve_cache_uri(train), "precompute": None})
         cfg = cfg.model_copy(update={"train": train}) if isinstance(cfg, SweepConfig) else train
     cfg = cfg.with_absolute_paths()  # the job runs in a copy of the working directory
@@ -100,7 +101,7 @@ def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig | Sweep
             entrypoint_resources=job.entrypoint_resources or None,
         )
     except Exception as e:
-        raise DistillError(f"submitting the {stage} job failed: {str(e).strip().splitlines()[-1]}",
+        raise DistillError(f"submitting the {stage} job failed: {root_cause(e)}",
                            "check the cluster (ray status) and the job's resources") from None
     log(f"submitted {stage} job {job_id}")
     return SubmittedJob(job_id=job_id, stage=stage, name=name)
@@ -149,17 +150,16 @@ def submit_pipeline(client, pre: PrecomputeConfig, trains: list[TrainConfig], *,
     from pipeline.teacher.identity import resolve_target
 
     pre = pre.with_absolute_paths()  # as the job will see it, so both compute the same cache id
-    storage.configure(**pre.storage.model_dump())
-    storage.check_reachable(pre.cache_root, "cache root")
+    storage.check_reachable(pre.cache_root, "cache root", pre.storage)
     target = resolve_target(pre)
     run = PipelineRun(cache_uri=target.uri, teacher_job=None)
-    if storage.exists(manifest_uri(target.uri)):
+    if storage.exists(manifest_uri(target.uri), pre.storage):
         log(f"cache hit: {target.uri} (no teacher job)")
     else:
         run.teacher_job = submit_stage(client, "precompute", pre, working_dir=working_dir, log=log)
         status = follow(client, run.teacher_job.job_id, stream=wait, log=log)
         run.statuses[run.teacher_job.job_id] = status
-        if status != "SUCCEEDED" or not storage.exists(manifest_uri(target.uri)):
+        if status != "SUCCEEDED" or not storage.exists(manifest_uri(target.uri), pre.storage):
             report_end(client, run.teacher_job, status, log=log)
             return run
     for cfg in trains:

@@ -95,3 +95,30 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
 @pytest.fixture
 def tiny_cache(tmp_path) -> str:
     return make_cache(tmp_path)
+
+
+# Seconds spent per marker (setup, call and teardown), printed at the end of every run: where the
+# suite's time goes, in CI's output.
+_MARKERS = ("e2e", "integration", "gpu")
+_seconds: dict[str, float] = {}
+_tests: dict[str, set[str]] = {}
+
+
+def _marker_of(keywords) -> str:
+    return next((m for m in _MARKERS if m in keywords), "unit")
+
+
+def pytest_runtest_logreport(report) -> None:
+    marker = _marker_of(report.keywords)
+    _seconds[marker] = _seconds.get(marker, 0.0) + report.duration
+    _tests.setdefault(marker, set()).add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _seconds:
+        return
+    terminalreporter.section("time per marker")
+    for marker in ("unit", *_MARKERS):
+        if marker in _seconds:
+            terminalreporter.write_line(f"{marker:<12} {_seconds[marker]:8.1f} s  {len(_tests[marker]):4d} tests")
+    terminalreporter.write_line(f"{'total':<12} {sum(_seconds.values()):8.1f} s")

@@ -8,7 +8,6 @@ again and reads the resume stats from the manifest. Writes runs/bench/resume.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 import torch
 import yaml
 
+from jobs.benchmarks.common import machine, write_report
 from pipeline.teacher.identity import resolve_target
 from pipeline.config import load_precompute_config
 from pipeline.models.builtin import heavy_cnn
@@ -66,15 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": total, "committed_at_kill": at_kill, "rows_recomputed_on_resume": stats.rows_computed,
         "fraction_computed_on_resume": stats.fraction_computed,
         "committed_rows_computed_again": at_kill + stats.rows_computed - total, "resume_wall_s": round(time.time() - started, 1),
-        "command": "make bench-resume",
+        "command": "make bench-resume", "machine": machine(),
     }
-    with open(os.path.join(args.out, "resume.json"), "w") as f:
-        json.dump(report, f, indent=2)
     table = ("| rows | committed when killed | computed on resume | fraction computed on resume | committed rows computed again |\n"
              "|---|---|---|---|---|\n"
-             f"| {total} | {at_kill} | {stats['rows_computed']} | {stats['fraction_computed']:.2f} | {report['committed_rows_computed_again']} |")
-    with open(os.path.join(args.out, "resume.md"), "w") as f:
-        f.write(table + "\n")
+             f"| {total} | {at_kill} | {stats.rows_computed} | {stats.fraction_computed:.2f} | {report['committed_rows_computed_again']} |")
+    write_report(args.out, "resume", report, table)
     print("\n" + table)
     import shutil
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,14 +28,17 @@ from typing import Any
 import psutil
 import torch
 
+from jobs.benchmarks import common
+from jobs.benchmarks.common import Target, machine, machine_line, write_report
 from pipeline.cache.manifest import read_manifest
 from pipeline.config import PrecomputeConfig, TrainConfig
 from pipeline.runtime import ensure_ray
-from pipeline.student.loop import make_optimizer, train_step
-from pipeline.student.precision import Precision
-from pipeline.student.stream import Order, ShardReader, train_batches
+from pipeline.student.train.step import make_optimizer, train_step
+from pipeline.student.train.precision import Precision
+from pipeline.student.train.order import Order
+from pipeline.student.train.reader import ShardReader, train_batches
 from pipeline.student.tasks.tokens import TokenTask
-from pipeline.student.run import run_train
+from pipeline.student.train.driver import run_train
 from pipeline.teacher.precompute import run_precompute
 
 SEQ = 64
@@ -46,9 +48,11 @@ TINY_TEACHER = {"n_embd": 64, "n_layer": 2, "n_head": 2}  # the growth caches' t
 STUDENT = {"factory": "pipeline.models.hf:hf_causal_lm_config",
            "kwargs": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "bos_token_id": 1, "eos_token_id": 1}}
 LOSS = {"temperature": 1.0, "terms": {"kd": 0.5, "ce": 0.5}}
-TARGETS = {"student_lm_efficiency": (0.9, "min"), "teacher_lm_efficiency": (0.8, "min"),
-           "fsdp_memory_ratio": (0.6, "max"), "worker_rss_growth": (1.2, "max"), "actor_rss_growth": (1.2, "max"),
-           "worker_throughput_growth": (0.9, "min")}
+TARGETS = common.targets(
+    Target("student_lm_efficiency", ">=", 0.9), Target("teacher_lm_efficiency", ">=", 0.8),
+    Target("fsdp_memory_ratio", "<=", 0.6), Target("worker_rss_growth", "<=", 1.2), Target("actor_rss_growth", "<=", 1.2),
+    Target("worker_throughput_growth", ">=", 0.9),
+)
 
 
 class PeakRss:
@@ -130,12 +134,12 @@ def train(work: str, name: str, cache: str, **extra: Any) -> dict[str, Any]:
         "batch_size": 32, "num_workers": 1, "cpus_per_worker": 1, "storage_path": os.path.join(work, "runs"),
         "name": name, "eval_every": 20, "max_steps": 80, "in_memory": False, **extra})
     with PeakRss("RayTrainWorker") as rss:
-        out = run_train(cfg, overwrite=True, log=lambda s: None).result
-    steady = [h for h in out["history"] if h["step"] > 20]  # the first window also starts the data path
+        out = run_train(cfg, existing="overwrite", log=lambda s: None).result
+    steady = [h for h in out.history if h["step"] > 20]  # the first window also starts the data path
     return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in steady),
             "data_wait_share": sum(h["data_wait_seconds"] for h in steady) / sum(h["train_seconds"] for h in steady),
-            "param_bytes": out["memory_per_worker"]["param_bytes"], "optimizer_bytes": out["memory_per_worker"]["optimizer_bytes"],
-            "peak_rss": rss.peak, "peak_uss": rss.peak_uss, "val_perplexity": out["metrics"]["val_perplexity"]}
+            "param_bytes": out.memory_per_worker["param_bytes"], "optimizer_bytes": out.memory_per_worker["optimizer_bytes"],
+            "peak_rss": rss.peak, "peak_uss": rss.peak_uss, "val_perplexity": out.metrics["val_perplexity"]}
 
 
 def bare_student_tokens_per_s(cache: str, precision: str = "fp32", steps: int = 60) -> float:
@@ -162,8 +166,9 @@ def bare_student_tokens_per_s(cache: str, precision: str = "fp32", steps: int = 
 
 def run(work: str, args: argparse.Namespace) -> dict[str, Any]:
     ensure_ray()
-    report: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(), "device": "cpu",
-                              "torch": torch.__version__}
+    m = machine()
+    report: dict[str, Any] = {"host": m["host"], "cpus": m["cpus"], "device": machine_line(m), "torch": m["torch"],
+                              "machine": m}
     # The BPE tokenizer every cache shares, trained once on a small cache of the tiny teacher: a
     # user's teacher comes with its tokenizer, so no timed run below trains one.
     tiny = hf_teacher(os.path.join(work, "tiny-teacher"), TINY_TEACHER)
@@ -220,12 +225,7 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
 
 def missed(values: dict[str, float]) -> list[str]:
     """Each ratio that misses its target, named with its value."""
-    out = []
-    for name, value in values.items():
-        target, kind = TARGETS[name]
-        if (value < target) if kind == "min" else (value > target):
-            out.append(f"{name} = {value:.3f}, target {'>=' if kind == 'min' else '<='} {target}")
-    return out
+    return common.missed(values, TARGETS)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -276,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = ratios(report)
     report["missed"] = misses = missed(report["ratios"])
     table = markdown(report)
-    with open(os.path.join(args.out, "scale.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "scale.md"), "w") as f:
-        f.write(table)
+    write_report(args.out, "scale", report, table)
     print("\n" + table + f"\nwrote {args.out}/scale.json and {args.out}/scale.md")
     if misses:
         print("missed: " + "; ".join(misses))

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 
 import numpy as np
@@ -39,6 +38,7 @@ from pipeline.data.sources import describe, load_split
 from pipeline.models.factory import build_model
 from pipeline.teacher.estimators import dense, estimate
 
+from jobs.benchmarks.common import machine, write_report
 from jobs.benchmarks.textteacher import TEACHER, teacher_config
 
 BUDGETS = (25, 50, 100)
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["sq_error_se"] /= math.sqrt(args.repeats)
             rows.append({"budget": budget, "signal": name, "k": k, "head": head, **row})
             print(json.dumps(rows[-1]), flush=True)
-    report = {"host": platform.node(), "vocab": p.shape[-1], "positions": len(p), "teacher_entropy_nats": entropy,
+    m = machine()
+    report = {"host": m["host"], "machine": m, "vocab": p.shape[-1], "positions": len(p), "teacher_entropy_nats": entropy,
               "teacher": {"factory": TEACHER["factory"], "bytes": args.teacher_bytes, "epochs": args.teacher_epochs}, "rows": rows}
     lines = [f"Teacher `lm_teacher` ({args.teacher_bytes / 1e6:.1f} MB, {args.teacher_epochs} epoch), vocabulary {p.shape[-1]}, "
              f"{len(p)} held-out positions, mean entropy {entropy:.2f} nats.", "",
@@ -125,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['budget']} | {r['signal']} | {kind} | {r['sq_error']:.4f} ± {r['sq_error_se']:.4f} | "
                      f"{r['kl_norm']:.3f} | {100 * r['mass_covered']:.1f}% |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "screen.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "screen.md"), "w") as f:
-        f.write(table)
+    write_report(args.out, "screen", report, table)
     print("\n" + table)
     return 0
 

@@ -13,12 +13,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
 import pyarrow.parquet as pq
 
+from jobs.benchmarks.common import machine, write_report
 from pipeline import storage
 from pipeline.cache.catalog import list_caches
 from pipeline.cache.manifest import Manifest, TapRecord, read_manifest
@@ -41,8 +41,8 @@ def output_kinds(uri: str, manifest: Manifest) -> dict[str, dict[str, float]]:
     return out
 
 
-def read_seconds(uri: str, manifest: Manifest, repeats: int = 3) -> float:
-    fs, root = storage.arrow_filesystem(uri)
+def read_seconds(uri: str, manifest: Manifest, options: storage.Options = None, repeats: int = 3) -> float:
+    fs, root = storage.arrow_filesystem(uri, options)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         host, port = server.get_host_and_port()
-        storage.configure(endpoint_url=f"http://{host}:{port}")
-        s3, _ = storage.filesystem("s3://bench/x")
+        s3_options = storage.StorageOptions(endpoint_url=f"http://{host}:{port}")
+        s3, _ = storage.filesystem("s3://bench/x", s3_options)
         s3.mkdir("bench")
         for e in entries:
             m = read_manifest(e.uri)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if m.bytes / 1e6 <= args.max_mb:
                 local_s = read_seconds(e.uri, m)
                 s3.put(storage.local_path(e.uri), f"bench/{m.cache_id}", recursive=True)
-                s3_s = read_seconds(f"s3://bench/{m.cache_id}", m)
+                s3_s = read_seconds(f"s3://bench/{m.cache_id}", m, s3_options)
                 row.update({"local_mb_per_s": round(m.bytes / 1e6 / local_s, 1), "local_rows_per_s": round(m.rows / local_s),
                             "s3_mb_per_s": round(m.bytes / 1e6 / s3_s, 1), "s3_rows_per_s": round(m.rows / s3_s),
                             "s3_over_local": round(local_s / s3_s, 3)})
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         server.stop()
-    summary = {"caches": rows, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "command": "make bench-storage"}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "storage.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = {"caches": rows, "machine": machine(), "command": "make bench-storage"}
     md = ["| cache | mode | rows | MB | teacher bytes per row (per token for token caches) | local read MB/s | "
           "S3 (moto) read MB/s | S3 / local |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -107,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                          if o["kind"] not in ("ids", "input", "label"))
         md.append(f"| {r['cache_id']} | {r['mode']} | {r['rows']} | {r['mb']} | {outs} | {r.get('local_mb_per_s', '-')} | "
                   f"{r.get('s3_mb_per_s', '-')} | {r.get('s3_over_local', '-')} |")
-    with open(os.path.join(args.out, "storage.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_report(args.out, "storage", summary, "\n".join(md))
     print("\n".join(md))
     return 0
 

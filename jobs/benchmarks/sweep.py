@@ -22,9 +22,7 @@ Writes runs/bench/sweep.json and runs/bench/sweep.md; exits 1 when the target is
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,22 +34,15 @@ from typing import Any
 import torch
 import yaml
 
-from jobs.benchmarks.stages import KD, model_of, mnist, online_kd_student, precompute_config, shuffled, spec, tensors
+from jobs.benchmarks.common import (AMORT_STUDENT, Target, cached_logits, fit_amortisation_teacher, kd_train, machine,
+                                    machine_line, mnist, model_of, online_kd_student, spec, tensors, train_in_memory, write_report)
 from pipeline.config.sweep import SweepConfig
 from pipeline.runtime import ensure_ray
-from pipeline.student.loop import make_optimizer, train_epoch
-from pipeline.student.sweep import run_sweep
-from pipeline.teacher.fit import fit_teacher
+from pipeline.student.sweep.driver import run_sweep
 from pipeline.teacher.precompute import run_precompute
 
-TARGET = 0.10  # sweep amortisation at N = 8
-STUDENT = spec("mlp", hidden=[512, 512])
-
-
-def base_train(cache_uri: str, work: str, epochs: int) -> dict[str, Any]:
-    return {"cache": cache_uri, "student": STUDENT, "epochs": epochs, "batch_size": 64, "num_workers": 1,
-            "cpus_per_worker": 1, "storage_path": os.path.join(work, "train"), "loss": KD,
-            "optimizer": {"name": "adam", "lr": 1e-3}}
+TARGET = Target("sweep_n8", "<=", 0.10)  # sweep amortisation at N = 8
+STUDENT = AMORT_STUDENT
 
 
 def sweep_wall(base: dict[str, Any], work: str, n: int, trial: str) -> dict[str, Any]:
@@ -66,17 +57,8 @@ def sweep_wall(base: dict[str, Any], work: str, n: int, trial: str) -> dict[str,
 
 def plain_student(teacher_logits: torch.Tensor, data: dict, epochs: int, seed: int) -> float:
     """The limit: the student trained from the cached logits already in memory; seconds."""
-    from jobs.benchmarks.stages import kd_task
-
-    torch.manual_seed(seed)
-    model = model_of(STUDENT)
-    opt = make_optimizer(model.parameters(), "adam", 1e-3)
-    task = kd_task(STUDENT)
     x, y = tensors(data["train"])
-    started = time.perf_counter()
-    for _ in range(epochs):
-        train_epoch(model, shuffled(x, y, 64, logits=teacher_logits), task, opt)
-    return time.perf_counter() - started
+    return sum(e["seconds"] for e in train_in_memory(STUDENT, x, y, teacher_logits, 64, epochs, seed))
 
 
 def separate_run(base: dict[str, Any], work: str, seed: int) -> float:
@@ -101,28 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="bench-sweep-", dir=args.out)
     torch.set_num_threads(1)
+    m = machine()
     ensure_ray()
     data = mnist()
     started = time.time()
     try:
-        teacher_spec = spec("heavy_cnn", width=args.teacher_width)
-        weights = os.path.join(work, "teacher.pt")
-        pre = precompute_config(teacher_spec, weights, os.path.join(work, "cache"), 256, 1)
-        pre.teacher.fit = pre.teacher.fit.model_copy(update={"epochs": args.teacher_epochs, "shift": 0})
         print("fitting the teacher", flush=True)
-        fit_teacher(pre)
+        pre, _ = fit_amortisation_teacher(work, args.teacher_width, args.teacher_epochs)
         print("one teacher pass", flush=True)
         t0 = time.perf_counter()
         cache = run_precompute(pre, force=True)
         teacher_pass = time.perf_counter() - t0
-        base = base_train(cache.uri, work, args.epochs)
+        base = kd_train(cache.uri, STUDENT, work, args.epochs)
         import ray
 
         ray.shutdown()  # each separate `distill train` starts its own local Ray, as a user's does
-        teacher = model_of(teacher_spec, weights).eval()
-        x, _ = tensors(data["train"])
-        with torch.inference_mode():
-            logits = teacher(x).to(torch.float16).float()  # what the cache holds
+        teacher = model_of(spec("heavy_cnn", width=args.teacher_width), pre.teacher.weights).eval()
+        logits = cached_logits(teacher, tensors(data["train"])[0])
         k = args.baseline_students
         print(f"{k} students each: separate `distill train` runs, the in-memory limit, online KD", flush=True)
         separate = statistics.fmean(separate_run(base, work, seed) for seed in range(k))
@@ -151,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                          "amortisation": (teacher_pass + n * per) / (n * online), "overhead_per_student_s": per - plain})
     sweep8 = next((r["amortisation"] for r in rows if r["method"] == "sweep, direct trials" and r["n"] == 8), None)
     report = {
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, no GPU), 1 thread per student",
+        "device": f"{machine_line(m)}, 1 thread per student", "machine": m,
         "teacher_pass_s": teacher_pass, "online_kd_student_s": online, "limit_student_s": plain,
         "separate_run_s": separate, "online_val_accuracy": statistics.fmean(r["val_accuracy"] for r in online_runs),
-        "rows": rows, "target": {"sweep_n8_max": TARGET, "value": sweep8, "met": sweep8 is not None and sweep8 <= TARGET},
+        "rows": rows,
+        "target": {"sweep_n8_max": TARGET.threshold, "value": sweep8, "met": sweep8 is not None and TARGET.met(sweep8)},
         "epochs": args.epochs, "baseline_students": k, "wall_s": time.time() - started,
         "command": " ".join(["python -m jobs.benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)]),
     }
@@ -167,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['n']} | {r['method']} | {r['wall_s']:.0f} s | {r['overhead_per_student_s']:.1f} s | "
                      f"**{r['amortisation']:.3f}** |")
     if sweep8 is not None:
-        lines += ["", f"Target: sweep at N = 8 <= {TARGET}: {'met' if report['target']['met'] else 'MISSED'} ({sweep8:.3f})."]
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        lines += ["", f"Target: sweep at N = 8 <= {TARGET.threshold}: {'met' if report['target']['met'] else 'MISSED'} ({sweep8:.3f})."]
+    write_report(args.out, "sweep", report, "\n".join(lines))
     print("\n".join(lines))
     return 0 if report["target"]["met"] else 1
 

@@ -32,20 +32,22 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import torch
 
+from pipeline import rundir
 from pipeline.cache.schema import INPUT_IDS, LENGTH
 from pipeline.config import ModelSpec, PrecomputeConfig, TrainConfig
 from pipeline.data.sources import describe, load_split
 from pipeline.models.factory import build_model
-from pipeline.student.run import run_train
+from pipeline.rundir import RunResult
+from pipeline.student.train.driver import run_train
 from pipeline.teacher.precompute import run_precompute
 
+from jobs.benchmarks.common import Target, machine, write_report
 from jobs.benchmarks.textteacher import TEACHER, teacher_config, text_source
 
 STUDENT = {"factory": "pipeline.models.lm:lm_small"}
@@ -66,6 +68,8 @@ SIGNALS: dict[str, tuple[dict | None, str]] = {
     "topk32-uniform": ({"mode": "topk", "k": 32, "values": "uint8", **T1}, "uniform"),
     "topk64": ({"mode": "topk", "k": 64, "values": "uint8", **T1}, "bucket"),
 }
+TARGET = Target("ratio_vs_full_kd", "<=", 1.01)  # the best signal at <= BYTES_MAX bytes per token
+BYTES_MAX = 100
 DEFAULT = "full,hard,multinomial25,priority25,head_tail25-6,topk32-uniform,topk32,topk64,head_tail12-3,head_tail50-12"
 
 
@@ -101,15 +105,14 @@ def _sd(x) -> float:
     return float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")
 
 
-def finished_run(cfg: TrainConfig) -> dict | None:
+def finished_run(cfg: TrainConfig) -> RunResult | None:
     """The result of a run this bench already trained with exactly this config (same cache, seed and
     schedule: the same student), so adding signals to a finished comparison trains only the new ones."""
-    path = os.path.join(cfg.storage_path, cfg.name, "result.json")
-    if not os.path.exists(path):
+    run_dir = os.path.join(cfg.storage_path, cfg.name)
+    if not rundir.finished(run_dir):
         return None
-    with open(path) as f:
-        result = json.load(f)
-    return result if result.get("config") == cfg.model_dump(mode="json") and result.get("weights") else None
+    result = rundir.read_result(run_dir)
+    return result if result.config == cfg.model_dump(mode="json") and result.weights else None
 
 
 def stored_bytes(manifest) -> tuple[float, float]:
@@ -179,36 +182,36 @@ def main(argv: list[str] | None = None) -> int:
             })
             result = None if args.retrain else finished_run(cfg)
             print(f"== seed {seed} {name}: student{' (already trained with this config)' if result else ''} ==", flush=True)
-            result = result or run_train(cfg, overwrite=True).result
-            student = build_model(ModelSpec(**STUDENT, weights=result["weights"]), input_shape=(args.seq_len,), num_classes=vocab).eval()
+            result = result or run_train(cfg, existing="overwrite").result
+            student = build_model(ModelSpec(**STUDENT, weights=result.weights), input_shape=(args.seq_len,), num_classes=vocab).eval()
             value = evaluate(student, val)["val_perplexity"]
             ppl[name].append(value)
             if name != "hard":
                 sizes[name] = stored_bytes(cache.manifest)
-            runs.append({"signal": name, "seed": seed, "val_perplexity": round(value, 4), "wall_s": result["wall_s"],
-                         "tokens_per_s": result["throughput"].get("tokens_per_s"), "steps": result.get("steps")})
+            runs.append({"signal": name, "seed": seed, "val_perplexity": round(value, 4), "wall_s": result.wall_s,
+                         "tokens_per_s": result.throughput.get("tokens_per_s"), "steps": result.steps})
             print(json.dumps(runs[-1]), flush=True)
 
     stats = paired(ppl)
     for name, row in stats.items():
         row["bytes_per_token"], row["stored_bytes_per_token"] = sizes.get(name, (0.0, 0.0))
     def best_within(key: str) -> str | None:
-        fits = {n: r for n, r in stats.items() if n not in ("full", "hard") and r[key] <= 100}
+        fits = {n: r for n, r in stats.items() if n not in ("full", "hard") and r[key] <= BYTES_MAX}
         return min(fits, key=lambda n: fits[n]["ratio_mean"]) if fits else None
 
     best, best_stored = best_within("bytes_per_token"), best_within("stored_bytes_per_token")
-    met = best is not None and stats[best]["ratio_mean"] <= 1.01
-    met_stored = best_stored is not None and stats[best_stored]["ratio_mean"] <= 1.01
+    met = best is not None and TARGET.met(stats[best]["ratio_mean"])
+    met_stored = best_stored is not None and TARGET.met(stats[best_stored]["ratio_mean"])
     full_log_sd = _sd(np.log(ppl["full"]))
     summary = {
         "vocab_size": vocab, "signals": stats, "runs": runs, "best": best, "best_stored": best_stored,
-        "target": {"ratio_max": 1.01, "bytes_per_token_max": 100, "met": met, "met_stored": met_stored},
+        "target": {"ratio_max": TARGET.threshold, "bytes_per_token_max": BYTES_MAX, "met": met, "met_stored": met_stored},
         "full_kd_seed_sd_log_ppl": full_log_sd,
         "teacher": {"factory": TEACHER["factory"], "val_perplexity": round(teacher_ppl, 3), "train_bytes": args.teacher_bytes,
                     "epochs": args.teacher_epochs},
         "student": STUDENT["factory"], "seeds": args.seeds, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "seq_len": args.seq_len, "cache_bytes": args.cache_bytes,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
+        "machine": machine(),
         "command": "make bench-topk" + (f" ARGS='{' '.join(argv)}'" if argv else ""), "wall_s": round(time.time() - started, 1),
     }
     md = [f"Vocabulary {vocab}; teacher `lm_teacher` ({args.teacher_bytes / 1e6:.1f} MB, {args.teacher_epochs} epoch) at held-out "
@@ -221,13 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {name} | {size} | {r['ppl_mean']:.2f} ± {r['ppl_sd']:.2f} | {r['ratio_mean']:.3f} ± {r['ratio_sd']:.3f} | {rec} |")
     md.append("")
     for label, name, ok in (("raw", best, met), ("stored", best_stored, met_stored)):
-        md.append(f"Target (a signal within 1% of full-KD perplexity at <= 100 {label} bytes/token): "
+        md.append(f"Target (a signal within 1% of full-KD perplexity at <= {BYTES_MAX} {label} bytes/token): "
                   + (f"{'met' if ok else 'MISSED'}; best: {name} at {stats[name]['ratio_mean']:.3f}x." if name else "no signal fits."))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "topk_fidelity.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(args.out, "topk_fidelity.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_report(args.out, "topk_fidelity", summary, "\n".join(md))
     import ray
 
     ray.shutdown()

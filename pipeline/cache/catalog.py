@@ -21,10 +21,10 @@ class CacheEntry:
     teacher: str | None
 
 
-def list_caches(root: str) -> list[CacheEntry]:
+def list_caches(root: str, options: storage.Options = None) -> list[CacheEntry]:
     """Every cache directory under `root`; bookkeeping directories (`_configs`) are not caches. A root
     that does not exist holds none (on an object store a prefix whose caches were all removed is gone)."""
-    fs, path = storage.filesystem(root)
+    fs, path = storage.filesystem(root, options)
     if not fs.exists(path):
         return []
     entries = []
@@ -34,7 +34,7 @@ def list_caches(root: str) -> list[CacheEntry]:
             continue
         uri = storage.join(root, cache_id)
         try:
-            m = read_manifest(uri)
+            m = read_manifest(uri, options)
             entries.append(CacheEntry(cache_id, uri, True, m.rows, m.bytes, m.created, m.teacher.factory))
         except DistillError:
             entries.append(CacheEntry(cache_id, uri, False, None, None, None, None))

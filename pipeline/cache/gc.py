@@ -12,12 +12,12 @@ from pipeline.cache.catalog import list_caches
 from pipeline.errors import DistillError
 
 
-def remove_cache(uri: str) -> None:
+def remove_cache(uri: str, options: storage.Options = None) -> None:
     """Delete a cache, manifest first, so no reader ever sees a complete-looking cache lose its shards."""
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(f"no cache at {uri}", "check the URI (distill cache ls ROOT)")
-    storage.remove_file(manifest_uri(uri))
-    storage.remove_tree(uri)
+    storage.remove_file(manifest_uri(uri), options)
+    storage.remove_tree(uri, options)
 
 
 def _modified(info: dict) -> float:
@@ -25,9 +25,9 @@ def _modified(info: dict) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
-def newest_change(uri: str) -> float:
+def newest_change(uri: str, options: storage.Options = None) -> float:
     """Seconds since the epoch of the newest file under `uri` (its last sign of life)."""
-    fs, path = storage.filesystem(uri)
+    fs, path = storage.filesystem(uri, options)
     infos = fs.find(path, detail=True).values()
     return max((_modified(i) for i in infos), default=0.0)
 
@@ -39,20 +39,21 @@ class Collected:
     removed: bool
 
 
-def collect_garbage(root: str, older_than_s: float, dry_run: bool = False) -> list[Collected]:
+def collect_garbage(root: str, older_than_s: float, dry_run: bool = False,
+                    options: storage.Options = None) -> list[Collected]:
     """Remove incomplete caches (no manifest) untouched for longer than `older_than_s`.
 
     The age guard keeps a precompute that is still writing (or will resume) from being removed.
     """
     now = time.time()
     out = []
-    for entry in list_caches(root):
+    for entry in list_caches(root, options):
         if entry.complete:
             continue
-        age = now - newest_change(entry.uri)
+        age = now - newest_change(entry.uri, options)
         old = age > older_than_s
         if old and not dry_run:
-            storage.remove_tree(entry.uri)
+            storage.remove_tree(entry.uri, options)
         out.append(Collected(entry.uri, age, old and not dry_run))
     return out
 

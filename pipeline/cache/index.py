@@ -23,16 +23,16 @@ def record_uri(cache_root: str, recipe: dict[str, Any]) -> str:
     return storage.join(cache_root, INDEX_DIR, f"{cache_key(recipe)}.json")
 
 
-def record_cache(cache_root: str, recipe: dict[str, Any], cache_id: str) -> None:
+def record_cache(cache_root: str, recipe: dict[str, Any], cache_id: str, options: storage.Options = None) -> None:
     """Remember that this recipe produced `cache_id` (written on every publish and cache hit)."""
     record = {"cache_id": cache_id, "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "recipe": json.loads(canonical_json(recipe))}
-    storage.write_bytes_atomic(record_uri(cache_root, recipe), (json.dumps(record, indent=2) + "\n").encode())
+    storage.write_bytes_atomic(record_uri(cache_root, recipe), (json.dumps(record, indent=2) + "\n").encode(), options)
 
 
-def recorded_cache(cache_root: str, recipe: dict[str, Any]) -> str | None:
+def recorded_cache(cache_root: str, recipe: dict[str, Any], options: storage.Options = None) -> str | None:
     """The id of the cache this recipe last produced under `cache_root`, or None if none was recorded."""
     uri = record_uri(cache_root, recipe)
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         return None
-    return json.loads(storage.read_bytes(uri))["cache_id"]
+    return json.loads(storage.read_bytes(uri, options))["cache_id"]

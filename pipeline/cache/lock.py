@@ -23,8 +23,9 @@ STALE_S = float(os.environ.get("DISTILL_LOCK_STALE_S", "60"))
 
 
 class CacheLock:
-    def __init__(self, cache_uri: str) -> None:
+    def __init__(self, cache_uri: str, options: storage.Options = None) -> None:
         self.uri = storage.join(cache_uri, LOCK_FILE)
+        self.options = options
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -33,7 +34,7 @@ class CacheLock:
         return json.dumps({"owner": self.owner, "heartbeat": time.time()}).encode()
 
     def try_acquire(self) -> bool:
-        fs, path = storage.filesystem(self.uri)
+        fs, path = storage.filesystem(self.uri, self.options)
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             with fs.open(path, "xb") as f:
@@ -66,12 +67,12 @@ class CacheLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(max(STALE_S / 4, 0.5)):
-            storage.write_bytes_atomic(self.uri, self._payload())
+            storage.write_bytes_atomic(self.uri, self._payload(), self.options)
 
     def holder(self) -> dict | None:
         """The current holder's record, or None if there is no lock (or it vanished while reading)."""
         try:
-            return json.loads(storage.read_bytes(self.uri))
+            return json.loads(storage.read_bytes(self.uri, self.options))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -84,7 +85,7 @@ class CacheLock:
         return time.time() - float(record.get("heartbeat", 0)) > STALE_S
 
     def break_stale(self) -> None:
-        storage.remove_file(self.uri)
+        storage.remove_file(self.uri, self.options)
 
     def release(self) -> None:
         self._stop.set()

@@ -220,8 +220,8 @@ def manifest_uri(cache_uri: str) -> str:
     return storage.join(cache_uri, MANIFEST)
 
 
-def write_manifest(cache_uri: str, manifest: Manifest) -> None:
-    storage.write_bytes_atomic(manifest_uri(cache_uri), manifest.to_json().encode())
+def write_manifest(cache_uri: str, manifest: Manifest, options: storage.Options = None) -> None:
+    storage.write_bytes_atomic(manifest_uri(cache_uri), manifest.to_json().encode(), options)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -250,14 +250,14 @@ def parse_manifest(text: str | bytes, where: str = "manifest") -> Manifest:
                            "recompute the cache with --force") from None
 
 
-def read_manifest(cache_uri: str) -> Manifest:
+def read_manifest(cache_uri: str, options: storage.Options = None) -> Manifest:
     """The manifest of a complete cache; a clear error for a missing or incomplete one."""
     uri = manifest_uri(cache_uri)
-    if not storage.exists(cache_uri):
+    if not storage.exists(cache_uri, options):
         raise DistillError(f"no cache at {cache_uri}", "run `distill precompute` first, or fix the cache URI")
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(
             f"incomplete cache at {cache_uri}: no {MANIFEST} (a precompute did not finish)",
             "run `distill precompute` again to complete it",
         )
-    return parse_manifest(storage.read_bytes(uri), where=uri)
+    return parse_manifest(storage.read_bytes(uri, options), where=uri)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.cache.schema import SHARDS_DIR, SPLIT
+from pipeline.cache.tensors import row_shape, type_name
 from pipeline.errors import DistillError
 
 
@@ -21,27 +22,19 @@ class ShardFacts:
     shapes: dict[str, list[int]]  # per-row shape of each tensor column
 
 
-def register_tensor_types() -> None:
-    """Shards hold Ray Data's tensor columns. pyarrow knows their types only once Ray Data has
-    registered them, which a process that never imported Ray Data has not: there a shard's schema
-    reads as plain lists and differs from the one the manifest recorded."""
-    import ray.data.extensions  # noqa: F401  (registration is the import's side effect)
-
-
-def inspect_shard(uri: str) -> ShardFacts:
+def inspect_shard(uri: str, options: storage.Options = None) -> ShardFacts:
     """Rows (from the Parquet footer), size, checksum, column types and bytes of one shard file.
 
     A tensor column is stored as nested leaves (`x.list.element`), so leaves are grouped by the
     part of their path before the first dot.
     """
-    register_tensor_types()
-    fs, path = storage.filesystem(uri)
+    fs, path = storage.filesystem(uri, options)
     size = fs.size(path)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         meta = pf.metadata
-        columns = {field.name: str(field.type) for field in pf.schema_arrow}
-        shapes = {field.name: list(field.type.shape) for field in pf.schema_arrow if hasattr(field.type, "shape")}
+        columns = {field.name: type_name(field) for field in pf.schema_arrow}
+        shapes = {field.name: shape for field in pf.schema_arrow if (shape := row_shape(field)) is not None}
         column_bytes: dict[str, int] = {}
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
@@ -53,9 +46,9 @@ def inspect_shard(uri: str) -> ShardFacts:
                       column_bytes=column_bytes, shapes=shapes)
 
 
-def list_shard_files(cache_uri: str) -> list[str]:
+def list_shard_files(cache_uri: str, options: storage.Options = None) -> list[str]:
     """Every Parquet file under shards/, as paths relative to the cache directory."""
-    fs, root = storage.filesystem(cache_uri)
+    fs, root = storage.filesystem(cache_uri, options)
     shards = f"{root}/{SHARDS_DIR}"
     if not fs.exists(shards):
         return []

@@ -9,10 +9,10 @@ from pipeline.cache.shards import inspect_shard, list_shard_files
 from pipeline.errors import DistillError
 
 
-def check_files(cache_uri: str, manifest: Manifest) -> list[str]:
+def check_files(cache_uri: str, manifest: Manifest, options: storage.Options = None) -> list[str]:
     """Cheap checks (no reading of data): every shard is there with its recorded size."""
     problems = []
-    fs, root = storage.filesystem(cache_uri)
+    fs, root = storage.filesystem(cache_uri, options)
     for shard in manifest.shards:
         path = f"{root}/{shard.path}"
         if not fs.exists(path):
@@ -24,23 +24,23 @@ def check_files(cache_uri: str, manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify_cache(cache_uri: str) -> list[str]:
+def verify_cache(cache_uri: str, options: storage.Options = None) -> list[str]:
     """Every problem found, by name; an empty list means a sound cache."""
-    if not storage.exists(manifest_uri(cache_uri)):
+    if not storage.exists(manifest_uri(cache_uri), options):
         return [f"no {MANIFEST}: the cache is incomplete or missing"]
     try:
-        manifest = parse_manifest(storage.read_bytes(manifest_uri(cache_uri)))
+        manifest = parse_manifest(storage.read_bytes(manifest_uri(cache_uri), options))
     except DistillError as e:
         return [e.problem]
-    problems = check_files(cache_uri, manifest)
+    problems = check_files(cache_uri, manifest, options)
     known = {s.path for s in manifest.shards}
-    problems += [f"extra shard {rel} not in the manifest" for rel in list_shard_files(cache_uri) if rel not in known]
+    problems += [f"extra shard {rel} not in the manifest" for rel in list_shard_files(cache_uri, options) if rel not in known]
     for shard in manifest.shards:
         uri = storage.join(cache_uri, shard.path)
-        if not storage.exists(uri):
+        if not storage.exists(uri, options):
             continue
         try:
-            facts = inspect_shard(uri)
+            facts = inspect_shard(uri, options)
         except Exception as e:  # a truncated or corrupted Parquet file fails in many ways
             problems.append(f"shard {shard.path} is unreadable: {type(e).__name__}: {e}")
             continue

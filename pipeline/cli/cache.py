@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.options import add_storage_args, configure_storage
+from pipeline.cli.options import add_storage_args, storage_options
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     from pipeline.cache.catalog import list_caches
 
-    configure_storage(args, args.root, "cache root")
-    entries = list_caches(args.root)
+    entries = list_caches(args.root, storage_options(args, args.root, "cache root"))
     if not entries:
         print(f"no caches under {args.root}")
         return 0
@@ -27,8 +26,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 def cmd_cache_show(args: argparse.Namespace) -> int:
     from pipeline.cache.manifest import TapRecord, read_manifest
 
-    configure_storage(args, args.uri, "cache")
-    m = read_manifest(args.uri)
+    m = read_manifest(args.uri, storage_options(args, args.uri, "cache"))
     if args.json:
         print(m.to_json(), end="")
         return 0
@@ -59,8 +57,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
 def cmd_cache_verify(args: argparse.Namespace) -> int:
     from pipeline.cache.verify import verify_cache
 
-    configure_storage(args, args.uri, "cache")
-    problems = verify_cache(args.uri)
+    problems = verify_cache(args.uri, storage_options(args, args.uri, "cache"))
     if not problems:
         print(f"ok: {args.uri} is sound")
         return 0
@@ -73,8 +70,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 def cmd_cache_rm(args: argparse.Namespace) -> int:
     from pipeline.cache.gc import remove_cache
 
-    configure_storage(args, args.uri, "cache")
-    remove_cache(args.uri)
+    remove_cache(args.uri, storage_options(args, args.uri, "cache"))
     print(f"removed {args.uri}")
     return 0
 
@@ -82,8 +78,8 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 def cmd_cache_gc(args: argparse.Namespace) -> int:
     from pipeline.cache.gc import collect_garbage, parse_age
 
-    configure_storage(args, args.root, "cache root")
-    found = collect_garbage(args.root, parse_age(args.older_than), dry_run=args.dry_run)
+    options = storage_options(args, args.root, "cache root")
+    found = collect_garbage(args.root, parse_age(args.older_than), dry_run=args.dry_run, options=options)
     for c in found:
         verb = "removed" if c.removed else ("would remove" if args.dry_run and c.age_s > parse_age(args.older_than) else "kept (recent)")
         print(f"{verb}: {c.uri} (incomplete, last change {c.age_s / 3600:.1f} h ago)")

@@ -72,7 +72,8 @@ def register(sub) -> None:
                    help="override a field of the (first) config")
     p.add_argument("--address", default=None, help="Jobs API address, http://HEAD:8265 (default: $RAY_ADDRESS)")
     p.add_argument("--wait", action="store_true", help="follow the job(s) to the end, streaming logs")
-    p.add_argument("--force", action="store_true", help="precompute: recompute an existing cache")
+    p.add_argument("--force", action="store_true", help="precompute: recompute an existing cache; train: start an existing run over "
+                   "(without it a resubmitted train job resumes its run)")
     p.add_argument("--working-dir", default=None, metavar="DIR",
                    help="what travels with the job: your configs and model modules (default: the current directory)")
     p.set_defaults(func=cmd_submit)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.storage import StorageOptions
+
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="YAML config file")
@@ -22,9 +24,10 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default=None, help="S3 region (default: the AWS chain: $AWS_REGION, the profile)")
 
 
-def configure_storage(args: argparse.Namespace, uri: str, what: str) -> None:
-    """Apply the storage flags, then check the location answers: one line if it cannot be used."""
+def storage_options(args: argparse.Namespace, uri: str, what: str) -> StorageOptions:
+    """The storage flags as options, once the location is checked to answer: one line if it cannot be used."""
     from pipeline import storage
 
-    storage.configure(endpoint_url=args.endpoint_url, region=args.region)
-    storage.check_reachable(uri, what)
+    options = StorageOptions(endpoint_url=args.endpoint_url, region=args.region)
+    storage.check_reachable(uri, what, options)
+    return options

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli.options import add_address, add_config_args, add_storage_args, configure_storage
+from pipeline.cli.options import add_address, add_config_args, add_storage_args, storage_options
 from pipeline.errors import DistillError
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -15,7 +15,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if isinstance(cfg, SweepConfig):
-        from pipeline.student.checks import validate_train
+        from pipeline.student.prelude import validate_train
 
         kind, summary = "sweep", f"{len(cfg.points()) * cfg.num_samples} trials; base: {validate_train(cfg.train)}"
     elif isinstance(cfg, PrecomputeConfig):
@@ -23,7 +23,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         kind, summary = "precompute", validate_precompute(cfg)
     else:
-        from pipeline.student.checks import validate_train
+        from pipeline.student.prelude import validate_train
 
         kind, summary = "train", validate_train(cfg)
     print(f"ok: {args.config} is a valid {kind} config; {summary}")
@@ -50,27 +50,27 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_train_config
-    from pipeline.student.run import load_run_config, run_train
+    from pipeline.student.train.driver import load_run_config, run_train
 
     if args.resume:
-        configure_storage(args, args.resume, "run directory")
         if args.config or args.overrides:
             raise DistillError("--resume takes the run directory alone", "drop CONFIG and --set: the run keeps its config")
-        cfg = load_run_config(args.resume)
+        cfg = load_run_config(args.resume, storage_options(args, args.resume, "run directory"))
         if args.endpoint_url or args.region:  # the flags say where the run's storage is, as they did to find it
             cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={
                 k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v})})
-        run_train(cfg, address=args.address, resume=True)
+        run_train(cfg, address=args.address, existing="resume")
     elif not args.config:
         raise DistillError("no config", "distill train CONFIG, or distill train --resume RUN_DIR")
     else:
-        run_train(load_train_config(args.config, args.overrides), address=args.address, overwrite=args.overwrite)
+        run_train(load_train_config(args.config, args.overrides), address=args.address,
+                  existing="overwrite" if args.overwrite else "fail")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.config.sweep import load_sweep_config
-    from pipeline.student.sweep import run_sweep
+    from pipeline.student.sweep.driver import run_sweep
 
     run_sweep(load_sweep_config(args.config, args.overrides), address=args.address, resume=args.resume,
               overwrite=args.overwrite)
@@ -82,8 +82,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.rundir import write_json
     from pipeline.student.evaluate import evaluate_run
 
-    configure_storage(args, args.run_dir, "run directory")
-    out = evaluate_run(args.run_dir, args.source, args.split)
+    options = storage_options(args, args.run_dir, "run directory")
+    out = evaluate_run(args.run_dir, args.source, args.split, options)
     m = out["metrics"]
     calibration = m.pop("calibration", None)
     if calibration and calibration.get("student"):
@@ -92,20 +92,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       if isinstance(v, float) and k not in ("val_rows", "val_tokens"))
     print(f"{args.run_dir} on {args.source} ({out['source_kind']}, split {out['split']}, {out['rows']} rows): {shown}")
     if args.out:
-        write_json(args.out, {**out, "metrics": {**m, **({"calibration": calibration} if calibration else {})}})
+        write_json(args.out, {**out, "metrics": {**m, **({"calibration": calibration} if calibration else {})}}, options)
         print(f"wrote {args.out}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
-    from pipeline.report_sweep import is_sweep, write_sweep_report
+    from pipeline.report.sweep import is_sweep, write_sweep_report
 
-    configure_storage(args, args.run_dirs[0], "run directory")
-    sweeps = [d for d in args.run_dirs if is_sweep(d)]
+    options = storage_options(args, args.run_dirs[0], "run directory")
+    sweeps = [d for d in args.run_dirs if is_sweep(d, options)]
     if sweeps and len(args.run_dirs) > 1:
         raise DistillError("a sweep's report covers one sweep folder", "pass the sweep folder alone: distill report runs/sweeps/NAME")
-    print(f"wrote {write_sweep_report(sweeps[0], args.out) if sweeps else write_report(args.run_dirs, args.out)}")
+    out = write_sweep_report(sweeps[0], args.out, options) if sweeps else write_report(args.run_dirs, args.out, options)
+    print(f"wrote {out}")
     return 0
 
 

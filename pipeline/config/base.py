@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import storage
 from pipeline.cache.schema import PRIMARY_TEACHER  # its logits column is `teacher_logits`
+from pipeline.storage import StorageOptions  # a config's `storage:` section is what every storage call takes
 
 __all__ = ["PRIMARY_TEACHER", "NAME_PATTERN", "Strict", "StorageOptions", "JobOptions", "ModelSpec", "absolute"]
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -17,14 +18,6 @@ class Strict(BaseModel):
     """Unknown fields are errors: a typo in a config fails validation instead of being ignored."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class StorageOptions(Strict):
-    """S3-compatible endpoint override (MinIO, Ceph, a test server). Credentials never go here:
-    they come from the standard AWS chain (environment, profiles, instance roles) on each node."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
 
 
 class JobOptions(Strict):

@@ -60,6 +60,7 @@ def read_documents(
     id_column: str | None = None,
     max_documents: int | None = None,
     max_bytes: int | None = None,
+    options: storage.Options = None,
 ) -> Iterator[Document]:
     """Documents of a corpus, in a deterministic order.
 
@@ -74,6 +75,7 @@ def read_documents(
         max_documents: stop after this many documents.
         max_bytes: stop before the first document that would take the total UTF-8 size past
             this, so a subset is a deterministic prefix of the corpus.
+        options: the store remote files are read through.
 
     Returns:
         An iterator of `Document`. For files, `doc_id` is the path relative to the corpus root: the
@@ -87,7 +89,7 @@ def read_documents(
     if spec is None:
         docs = _read_files(*_stdlib_listing())
     else:
-        fs, root, paths, is_parquet = _list(spec, format)
+        fs, root, paths, is_parquet = _list(spec, format, options)
         if is_parquet:
             docs = _read_parquet(fs, paths, text_column, id_column)
         else:
@@ -133,15 +135,15 @@ def _expand(fs: Any, path: str, entry: str) -> tuple[str, list[str]]:
     raise DistillError(f"corpus entry {entry!r} does not exist", "give directories, globs or files")
 
 
-def _list(spec: str | Sequence[str], format: str) -> tuple[Any, str, list[str], bool]:
+def _list(spec: str | Sequence[str], format: str, options: storage.Options = None) -> tuple[Any, str, list[str], bool]:
     """(filesystem, root, sorted paths, is_parquet) for a corpus spec; ids are paths relative to root."""
     entries = [spec] if isinstance(spec, str) else list(spec)
     if not entries:
         raise DistillError("the corpus is an empty list of files", "name at least one file, directory or glob")
-    fs = storage.filesystem(entries[0])[0]  # every entry on the first one's filesystem
+    fs = storage.filesystem(entries[0], options)[0]  # every entry on the first one's filesystem
     roots, paths = [], []
     for entry in entries:
-        root, found = _expand(fs, storage.filesystem(entry)[1], entry)
+        root, found = _expand(fs, storage.filesystem(entry, options)[1], entry)
         roots.append(root)
         paths += found
     root = posixpath.commonpath(roots) if len(roots) > 1 else roots[0]

@@ -46,7 +46,7 @@ class BundledImages:
 
     streams = False
 
-    def __init__(self, cfg: DigitsSource | MnistSource) -> None:
+    def __init__(self, cfg: DigitsSource | MnistSource, options: object = None) -> None:  # bundled: no storage
         self.cfg = cfg
 
     def describe(self) -> SourceInfo:

@@ -20,7 +20,7 @@ from pipeline.config import ParquetSource
 from pipeline.data.sources import SourceInfo, identity_record
 from pipeline.data.split import hash_split
 from pipeline.errors import DistillError
-from pipeline.storage import arrow_filesystem
+from pipeline.storage import Options, arrow_filesystem
 
 TRANSFORM = "float32 reshape"
 _SHOWN = 5  # offending values named in an error
@@ -31,8 +31,9 @@ class ParquetTable:
 
     streams = True
 
-    def __init__(self, cfg: ParquetSource) -> None:
+    def __init__(self, cfg: ParquetSource, options: Options = None) -> None:
         self.cfg = cfg
+        self.options = options
 
     def tables(self) -> list[tuple[str, str | None]]:
         """(uri, the split all its rows belong to, or None when the rows say it themselves)."""
@@ -41,7 +42,7 @@ class ParquetTable:
         return [(self.cfg.uri, None)]
 
     def _dataset(self, uri: str) -> pq.ParquetDataset:
-        fs, path = arrow_filesystem(uri)
+        fs, path = arrow_filesystem(uri, self.options)
         try:
             return pq.ParquetDataset(path, filesystem=fs)
         except (FileNotFoundError, OSError) as e:
@@ -71,7 +72,7 @@ class ParquetTable:
             else:
                 splits.append(hash_split(part_ids, cfg.val_fraction, cfg.split_seed))
             widths.add(_input_width(dataset, inputs))
-            digests.append(f"{split or 'all'}:{_footers_digest(uri, dataset)}")
+            digests.append(f"{split or 'all'}:{_footers_digest(uri, dataset, self.options)}")
         all_ids, all_labels, all_splits = np.concatenate(ids), np.concatenate(labels), np.concatenate(splits)
         check_unique_ids(all_ids, f"parquet source {cfg.uri}" + (f" with {cfg.val_uri}" if cfg.val_uri else "")
                          + f", column `{cfg.id_column}`")
@@ -114,11 +115,11 @@ class ParquetTable:
         return record
 
 
-def _footers_digest(uri: str, dataset: pq.ParquetDataset) -> str:
+def _footers_digest(uri: str, dataset: pq.ParquetDataset, options: Options = None) -> str:
     """The content of a table's files, cheaply: each file's Parquet footer (row groups, column sizes and
     statistics) and size, independent of the files' paths and times, so re-exporting identical data
     finds the same cache. `source.version` names a version explicitly instead."""
-    fs, _ = arrow_filesystem(uri)
+    fs, _ = arrow_filesystem(uri, options)
     digests = []
     for f in dataset.files:
         with fs.open_input_file(f) as fh:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import DigitsSource, MnistSource, ParquetSource, Source, TextSource
 from pipeline.data.split import SPLITS
 
@@ -48,21 +49,22 @@ def identity_record(cfg: Source, info: SourceInfo, transform: str, **extra: Any)
             "columns": None, **extra, "input_shape": list(info.input_shape)}
 
 
-def open_source(cfg: Source) -> RowSource:
+def open_source(cfg: Source, options: storage.Options = None) -> RowSource:
+    """The source a config describes; `options` reach the store its files are on."""
     from pipeline.data.images import BundledImages
     from pipeline.data.parquet import ParquetTable
     from pipeline.data.text import TextWindows
 
     kinds: dict[type, type] = {DigitsSource: BundledImages, MnistSource: BundledImages, ParquetSource: ParquetTable,
                                TextSource: TextWindows}
-    return kinds[type(cfg)](cfg)
+    return kinds[type(cfg)](cfg, options)
 
 
-def describe(cfg: Source) -> SourceInfo:
-    return open_source(cfg).describe()
+def describe(cfg: Source, options: storage.Options = None) -> SourceInfo:
+    return open_source(cfg, options).describe()
 
 
-def load_split(cfg: Source, split: str) -> dict[str, np.ndarray]:
+def load_split(cfg: Source, split: str, options: storage.Options = None) -> dict[str, np.ndarray]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    return open_source(cfg).load_split(split)
+    return open_source(cfg, options).load_split(split)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID, SPLIT
 from pipeline.config import TextSource
 from pipeline.data.corpus import Document, corpus_fingerprint, read_documents
@@ -31,9 +32,11 @@ class TextWindows:
 
     streams = False
 
-    def __init__(self, cfg: TextSource) -> None:
+    def __init__(self, cfg: TextSource, options: storage.Options = None) -> None:
         self.cfg = cfg
-        self._corpus_key = json.dumps(cfg.model_dump(include=_CORPUS_FIELDS), sort_keys=True)
+        # Where the files are read through is part of the (per-process) memo keys, not of the cache key.
+        where = options.model_dump() if options is not None else None
+        self._corpus_key = json.dumps({**cfg.model_dump(include=_CORPUS_FIELDS), "storage": where}, sort_keys=True)
         self._tokenizer_key = json.dumps([self._corpus_key, cfg.tokenizer.model_dump()], sort_keys=True)
 
     def tokenizer(self) -> Tokenizer:
@@ -67,13 +70,18 @@ class TextWindows:
         return identity_record(cfg, info, TRANSFORM, text=text)
 
 
+def _options(where: dict | None) -> storage.StorageOptions | None:
+    return storage.StorageOptions(**where) if where is not None else None
+
+
 @functools.lru_cache(maxsize=4)
 def _corpus(key: str) -> tuple[tuple[Document, ...], str]:
     spec = json.loads(key)
     where = spec["uri"] or spec["files"]
     try:
         docs = tuple(read_documents(where, text_column=spec["text_column"], id_column=spec["id_column"] if spec["uri"] else None,
-                                    max_documents=spec["max_documents"], max_bytes=spec["max_bytes"]))
+                                    max_documents=spec["max_documents"], max_bytes=spec["max_bytes"],
+                                    options=_options(spec["storage"])))
     except (FileNotFoundError, OSError, ValueError, KeyError) as e:
         raise DistillError(f"cannot read the text source {where or 'stdlib'!r}: {e}", "check `source.files` / `source.uri`") from None
     if not docs:
@@ -85,7 +93,7 @@ def _corpus(key: str) -> tuple[tuple[Document, ...], str]:
 def _tokenizer(key: str) -> tuple[Tokenizer, str]:
     corpus_key, tok = json.loads(key)
     if tok["uri"]:
-        t = load_tokenizer(tok["uri"])
+        t = load_tokenizer(tok["uri"], _options(json.loads(corpus_key)["storage"]))
     elif tok["kind"] == "byte":
         t = byte_tokenizer()
     else:

@@ -70,17 +70,17 @@ def byte_tokenizer() -> Tokenizer:
     return _finish(tok)
 
 
-def save_tokenizer(tok: Tokenizer, uri: str) -> None:
+def save_tokenizer(tok: Tokenizer, uri: str, options: storage.Options = None) -> None:
     """Write the tokenizer's JSON (the HF `tokenizer.json` format) to any fsspec URI, atomically."""
-    storage.write_bytes_atomic(uri, tok.to_str().encode())
+    storage.write_bytes_atomic(uri, tok.to_str().encode(), options)
 
 
-def load_tokenizer(uri: str) -> Tokenizer:
+def load_tokenizer(uri: str, options: storage.Options = None) -> Tokenizer:
     """Read a tokenizer JSON written by `save_tokenizer` (or any HF `tokenizer.json`)."""
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(f"tokenizer {uri!r} does not exist", "train one first (train_bpe + save_tokenizer) or fix the URI")
     try:
-        tok = Tokenizer.from_str(storage.read_bytes(uri).decode())
+        tok = Tokenizer.from_str(storage.read_bytes(uri, options).decode())
     except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception for malformed JSON)
         raise DistillError(f"tokenizer {uri!r} is not a valid tokenizer JSON: {e}", "point at a tokenizer.json") from None
     return _plain_text_specials(tok)

@@ -45,8 +45,10 @@ def build_model(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     load_weights: bool = True,
+    options: storage.Options = None,
 ) -> nn.Module:
-    """Call the factory, passing `input_shape`/`num_classes` where it accepts them, then load weights."""
+    """Call the factory, passing `input_shape`/`num_classes` (and the storage options its files are
+    read with, as `storage_options`) where it accepts them, then load weights."""
     fn = resolve_factory(spec.factory)
     kwargs = dict(spec.kwargs)
     params = inspect.signature(fn).parameters
@@ -54,6 +56,8 @@ def build_model(
         kwargs["input_shape"] = tuple(input_shape)
     if num_classes is not None and "num_classes" in params and "num_classes" not in kwargs:
         kwargs["num_classes"] = num_classes
+    if options is not None and "storage_options" in params:
+        kwargs["storage_options"] = options
     try:
         model = fn(**kwargs)
     except TypeError as e:
@@ -62,7 +66,7 @@ def build_model(
         raise DistillError(f"model factory {spec.factory} returned {type(model).__name__}", "it must return a torch.nn.Module")
     BUILT_IN_THIS_PROCESS.append(spec.factory)
     if load_weights and spec.weights:
-        load_state(model, spec.weights)
+        load_state(model, spec.weights, options)
     return model
 
 
@@ -76,17 +80,17 @@ def output_width(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(out.shape[-1])
 
 
-def save_state(model: nn.Module, uri: str) -> None:
+def save_state(model: nn.Module, uri: str, options: storage.Options = None) -> None:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    storage.write_bytes_atomic(uri, buf.getvalue(), options)
 
 
-def load_state(model: nn.Module, uri: str) -> None:
+def load_state(model: nn.Module, uri: str, options: storage.Options = None) -> None:
     LOADED_IN_THIS_PROCESS.append(uri)
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(f"weights {uri!r} do not exist", "train them first (distill fit-teacher CONFIG) or fix `weights`")
-    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(uri, options)), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -94,10 +98,10 @@ def load_state(model: nn.Module, uri: str) -> None:
         raise DistillError(f"weights {uri!r} do not fit the model: {detail}", "check the factory kwargs against the weights") from None
 
 
-def weights_digest(uri: str | None) -> str | None:
+def weights_digest(uri: str | None, options: storage.Options = None) -> str | None:
     """Content digest of the weights file: part of the teacher's identity in the cache key."""
     if not uri:
         return None
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(f"teacher weights {uri!r} do not exist", "train them first: distill fit-teacher CONFIG")
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+    return hashlib.sha256(storage.read_bytes(uri, options)).hexdigest()[:16]

@@ -40,7 +40,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
-                 dtype: str | None = None, device_map: str | dict | None = None) -> nn.Module:
+                 dtype: str | None = None, device_map: str | dict | None = None,
+                 storage_options: storage.StorageOptions | None = None) -> nn.Module:
     """Load `AutoModelForCausalLM.from_pretrained` from a saved directory, never from the Hub.
 
     Args:
@@ -52,6 +53,7 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
         dtype: "float32", "bfloat16" or "float16"; default: as saved.
         device_map: passed to from_pretrained ("auto": layers placed across the process's GPUs,
             for a teacher larger than one GPU; needs the accelerate package).
+        storage_options: the endpoint a remote `path` is read through (the config's `storage:`).
 
     Returns:
         `HFCausalLM`: input_ids (B, L) -> logits (B, L, V).
@@ -78,7 +80,7 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
         model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="hf-model-") as local:
-            _copy_dir(path, local)
+            _copy_dir(path, local, storage_options)
             model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     model.eval()
     vocab = _vocab_size(model)
@@ -95,14 +97,14 @@ def hf_causal_lm(path: str, num_classes: int | None = None, input_shape: tuple[i
     return HFCausalLM(model, keep=num_classes if num_classes is not None and num_classes < vocab else None)
 
 
-def hf_logit_width(path: str) -> int | None:
+def hf_logit_width(path: str, options: storage.Options = None) -> int | None:
     """The width of a saved model's logits (its config's vocab_size), without loading it."""
     import json
 
     uri = storage.join(path, "config.json")
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         return None
-    config = json.loads(storage.read_bytes(uri))
+    config = json.loads(storage.read_bytes(uri, options))
     width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return int(width) if width else None
 
@@ -133,10 +135,10 @@ def hf_causal_lm_config(model_type: str = "gpt2", num_classes: int | None = None
     return HFCausalLM(AutoModelForCausalLM.from_config(hf_config))
 
 
-def saved_tokenizer(path: str) -> str | None:
+def saved_tokenizer(path: str, options: storage.Options = None) -> str | None:
     """The tokenizer.json saved beside an HF model directory, if any (to check a student's vocabulary)."""
     uri = storage.join(path, "tokenizer.json")
-    return uri if storage.exists(uri) else None
+    return uri if storage.exists(uri, options) else None
 
 
 def quiet_transformers() -> None:
@@ -153,8 +155,8 @@ def _vocab_size(model: nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def _copy_dir(uri: str, local: str) -> None:
-    fs, root = storage.filesystem(uri)
+def _copy_dir(uri: str, local: str, options: storage.Options = None) -> None:
+    fs, root = storage.filesystem(uri, options)
     root = root.rstrip("/")
     files = [p for p in fs.find(root) if fs.isfile(p)]
     if not files:
@@ -166,10 +168,10 @@ def _copy_dir(uri: str, local: str) -> None:
         fs.get_file(p, target)
 
 
-def hf_weights_digest(path: str) -> str:
+def hf_weights_digest(path: str, options: storage.Options = None) -> str:
     """Digest of every file in a saved model directory (names and contents), 16 hex chars:
     the teacher's identity in a cache key, as `weights_digest` is for a .pt file."""
-    fs, root = storage.filesystem(path)
+    fs, root = storage.filesystem(path, options)
     root = root.rstrip("/")
     h = hashlib.sha256()
     for p in sorted(p for p in fs.find(root) if fs.isfile(p)):

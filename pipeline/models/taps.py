@@ -38,7 +38,7 @@ def attach(model: nn.Module, names: Sequence[str], found: dict[str, torch.Tensor
     """Forward hooks that store each named module's output in `found` on every forward of `model`.
 
     The one hook mechanism: the teacher stage uses it for a block (`capture`), the student for its
-    whole life (`pipeline.student.model.TappedStudent`).
+    whole life (`pipeline.student.tasks.tapped.TappedStudent`).
     """
     handles = []
     for name, module in find_modules(model, names, owner).items():

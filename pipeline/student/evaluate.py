@@ -17,7 +17,7 @@ import torch
 from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest, manifest_uri, read_manifest
 from pipeline.cache.schema import TOKENIZER_FILE
-from pipeline.cache.shards import register_tensor_types
+from pipeline.cache.tensors import to_numpy
 from pipeline.config import TextSource, TrainConfig, load_precompute_config, parse_source
 from pipeline.data.sources import SPLITS, open_source
 from pipeline.errors import DistillError
@@ -27,38 +27,43 @@ from pipeline.student.tasks import Task, task_for
 SPLIT_CHOICES = ("train", "val", "all")
 
 
-def evaluate_run(run_dir: str, source: str, split: str | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str, source: str, split: str | None = None, options: storage.Options = None) -> dict[str, Any]:
     """Metrics of the run's student on `source`: a cache URI, a precompute config (its source), or a
-    Parquet table read with the run's cache's source settings. Returns {"metrics", "rows", "split", ...}."""
-    result = rundir.read_result(run_dir)
-    cfg = TrainConfig.model_validate(result["config"])
-    if not result.get("weights"):
+    Parquet table read with the run's cache's source settings. Returns {"metrics", "rows", "split", ...}.
+
+    `options` reach the run directory and `source`; the run's own cache and weights are read through
+    the storage options it was trained with."""
+    result = rundir.read_result(run_dir, options)
+    cfg = TrainConfig.model_validate(result.config)
+    if not result.weights or not result.cache:
         raise DistillError(f"{run_dir} has no trained student weights (student.pt)", "train the run to the end first")
-    manifest = read_manifest(result["cache"])  # the run's own cache: shapes, classes, task, tokenizer
+    manifest = read_manifest(result.cache, cfg.storage)  # the run's own cache: shapes, classes, task, tokenizer
     task = task_for(cfg, manifest)
     model = task.student(task.build_model())
-    load_state(model, result["weights"])
-    columns, split, kind = _rows(source, split, manifest, task, result["cache"])
+    load_state(model, result.weights, cfg.storage)
+    columns, split, kind = _rows(source, split, manifest, task, result.cache, options)
     metrics = task.evaluate(model, _batches(columns, task))
     return {"run": run_dir, "source": source, "source_kind": kind, "split": split,
             "rows": int(len(next(iter(columns.values())))), "metrics": metrics}
 
 
-def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache: str) -> tuple[dict[str, np.ndarray], str, str]:
+def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache: str,
+          options: storage.Options) -> tuple[dict[str, np.ndarray], str, str]:
     if split is not None and split not in SPLIT_CHOICES:
         raise DistillError(f"unknown split {split!r}", f"use one of {list(SPLIT_CHOICES)}")
     if source.endswith((".yaml", ".yml")):
         pre = load_precompute_config(source)
         split = split or "val"
-        columns = _concat([open_source(_with_tokenizer(pre.source, cache)).load_split(s) for s in _splits(split)])
+        source_of = open_source(_with_tokenizer(pre.source, cache), pre.storage)
+        columns = _concat([source_of.load_split(s) for s in _splits(split)])
         kind = "config"
-    elif storage.exists(manifest_uri(source)):
+    elif storage.exists(manifest_uri(source), options):
         split = split or "val"
-        columns = _cache_rows(source, split, task)
+        columns = _cache_rows(source, split, task, options)
         kind = "cache"
     else:
         split = split or "all"
-        columns = open_source(_with_tokenizer(_table_source(source, manifest), cache)).load_split("train")
+        columns = open_source(_with_tokenizer(_table_source(source, manifest, options), cache), options).load_split("train")
         kind = "table"
     wanted = [c for c in task.columns() if c in columns]
     if not wanted or len(next(iter(columns.values()))) == 0:
@@ -74,30 +79,29 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _cache_rows(uri: str, split: str, task: Task) -> dict[str, np.ndarray]:
+def _cache_rows(uri: str, split: str, task: Task, options: storage.Options) -> dict[str, np.ndarray]:
     """Another cache's rows of `split`; its classes and inputs must be the run's."""
-    other = read_manifest(uri)
+    other = read_manifest(uri, options)
     mine = task.manifest
     if other.num_classes != mine.num_classes or other.input_shape != mine.input_shape:
         raise DistillError(f"cache {uri} has {other.num_classes} classes and inputs {other.input_shape}; the student "
                            f"was trained on {mine.num_classes} and {mine.input_shape}", "evaluate on a cache of the same task")
-    register_tensor_types()
-    fs, root = storage.arrow_filesystem(uri)
+    fs, root = storage.arrow_filesystem(uri, options)
     wanted = [c for c in task.columns() if c in other.columns]
     tables = [pq.read_table(f"{root}/{s.path}", filesystem=fs, columns=wanted) for sp in _splits(split) for s in other.shards_of(sp)]
     if not tables:
         return {c: np.zeros((0,)) for c in wanted}
-    return {c: np.concatenate([t.column(c).combine_chunks().to_numpy() for t in tables]) for c in wanted}
+    return {c: np.concatenate([to_numpy(t.column(c), t.schema.field(c)) for t in tables]) for c in wanted}
 
 
-def _table_source(uri: str, manifest: Manifest):
+def _table_source(uri: str, manifest: Manifest, options: storage.Options):
     """A user's table, read as the run's cache read its own source (same columns), every row evaluated."""
     recorded = manifest.config.get("source") or {}
     if recorded.get("kind") not in ("parquet", "text"):
         raise DistillError(f"{uri} is neither a cache nor a precompute config, and the run's cache was not made from a "
                            f"table (its source is {recorded.get('kind', 'unknown')})",
                            "give a precompute config whose source describes the table, or a cache URI")
-    if not storage.exists(uri):
+    if not storage.exists(uri, options):
         raise DistillError(f"{uri} does not exist", "give a cache URI, a precompute config or a Parquet table")
     # Every row of the table is scored: no split of its own (one read of the table).
     fields = {"uri": uri, "val_fraction": 0.0}

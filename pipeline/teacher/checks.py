@@ -41,17 +41,18 @@ def check_teachers(cfg: PrecomputeConfig, source: SourceInfo) -> None:
             continue
         find_modules(model, taps, owner=owner)  # an unknown tap module lists the names that exist
         if spec.weights:
-            state = torch.load(io.BytesIO(storage.read_bytes(spec.weights)), map_location="meta", weights_only=True)
+            state = torch.load(io.BytesIO(storage.read_bytes(spec.weights, cfg.storage)), map_location="meta", weights_only=True)
             try:
                 model.load_state_dict(state, assign=True)
             except RuntimeError as e:
                 detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or str(e)
                 raise DistillError(f"the weights {spec.weights} do not fit {owner}: {detail}",
                                    "check the factory's kwargs against the weights (or the weights against the config)") from None
-        _check_one_row(model, spec, source, owner)
+        _check_one_row(model, spec, source, owner, cfg.storage)
 
 
-def _check_one_row(model: torch.nn.Module, spec: ModelSpec, source: SourceInfo, owner: str) -> None:
+def _check_one_row(model: torch.nn.Module, spec: ModelSpec, source: SourceInfo, owner: str,
+                   options: storage.Options = None) -> None:
     """One row of zeros through the teacher on the meta device. A forward that needs real values
     (data-dependent branches) is run for real on CPU when the teacher is small enough to build here."""
     dtype = torch.long if source.kind == "text" else torch.float32
@@ -61,7 +62,7 @@ def _check_one_row(model: torch.nn.Module, spec: ModelSpec, source: SourceInfo, 
     except Exception:  # noqa: BLE001
         if sum(p.numel() for p in model.parameters()) > REAL_CHECK_MAX_PARAMS:
             return  # not checkable cheaply: the actors name the failing row
-        real = build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes)
+        real = build_model(spec, input_shape=source.input_shape, num_classes=source.num_classes, options=options)
         try:
             with torch.no_grad():
                 out = real.eval()(torch.zeros(1, *source.input_shape, dtype=dtype))
@@ -84,11 +85,10 @@ def validate_precompute(cfg: PrecomputeConfig) -> str:
 
     for teacher in cfg.all_teachers.values():
         resolve_factory(teacher.factory)
-    storage.configure(**cfg.storage.model_dump())
-    storage.check_reachable(cfg.cache_root, "cache root")
+    storage.check_reachable(cfg.cache_root, "cache root", cfg.storage)
     target = resolve_target(cfg)
     check_teachers(cfg, target.source)
     rows = ", ".join(f"{split} {n}" for split, n in target.source.rows.items())
-    state = "complete" if storage.exists(manifest_uri(target.uri)) else "not computed yet"
+    state = "complete" if storage.exists(manifest_uri(target.uri), cfg.storage) else "not computed yet"
     return (f"source {target.source.kind}: {rows} rows, {target.source.num_classes} classes, input {list(target.source.input_shape)}; "
             f"cache {target.uri} ({state})")

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import storage
 from pipeline.cache.schema import INPUT_IDS, LENGTH
 from pipeline.config import PRIMARY_TEACHER, PrecomputeConfig, TeacherConfig
 from pipeline.data.sources import describe, load_split
@@ -59,12 +58,11 @@ def _fit_one(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> f
     if not teacher.weights:
         field = "teacher" if name == PRIMARY_TEACHER else f"teachers.{name}"
         raise DistillError(f"`{field}.weights` is not set", "set the URI the trained weights should be written to")
-    storage.configure(**cfg.storage.model_dump())
     if cfg.source.kind == "text":
         return _fit_lm(cfg, teacher, name, log)
     fit = teacher.fit
-    info = describe(cfg.source)
-    train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")
+    info = describe(cfg.source, cfg.storage)
+    train, val = load_split(cfg.source, "train", cfg.storage), load_split(cfg.source, "val", cfg.storage)
     torch.manual_seed(fit.seed)
     gen = torch.Generator().manual_seed(fit.seed)
     spec = teacher.model_copy(update={"weights": None})
@@ -86,7 +84,7 @@ def _fit_one(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> f
             total += loss.item() * len(idx)
         val_acc = accuracy(model, val["x"], val["label"])
         log(f"epoch {epoch + 1}/{fit.epochs}  loss {total / len(y):.4f}  val_accuracy {val_acc:.4f}  ({time.time() - started:.0f}s)")
-    save_state(model, teacher.weights)
+    save_state(model, teacher.weights, cfg.storage)
     log(f"saved teacher {name!r} weights to {teacher.weights} (val accuracy {val_acc:.4f})")
     return val_acc
 
@@ -110,8 +108,8 @@ def _fit_lm(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> fl
     """Next-token training of a language-model teacher on the source's train windows. Returns val
     perplexity (lower is better), so the log line reads like the image teachers' accuracy."""
     fit = teacher.fit
-    info = describe(cfg.source)
-    train, val = load_split(cfg.source, "train"), load_split(cfg.source, "val")
+    info = describe(cfg.source, cfg.storage)
+    train, val = load_split(cfg.source, "train", cfg.storage), load_split(cfg.source, "val", cfg.storage)
     torch.manual_seed(fit.seed)
     gen = torch.Generator().manual_seed(fit.seed)
     model = build_model(teacher.model_copy(update={"weights": None}), input_shape=info.input_shape, num_classes=info.num_classes)
@@ -141,6 +139,6 @@ def _fit_lm(cfg: PrecomputeConfig, teacher: TeacherConfig, name: str, log) -> fl
                 log(f"  step {step}/{steps}  loss {loss.item():.3f}  ({time.time() - started:.0f}s)")
         ppl = lm_perplexity(model, val[INPUT_IDS], val[LENGTH])
         log(f"epoch {epoch + 1}/{fit.epochs}  val_perplexity {ppl:.2f}  ({time.time() - started:.0f}s)")
-    save_state(model, teacher.weights)  # type: ignore[arg-type]
+    save_state(model, teacher.weights, cfg.storage)  # type: ignore[arg-type]
     log(f"saved teacher {name!r} weights to {teacher.weights} (val perplexity {ppl:.2f})")
     return ppl

@@ -23,12 +23,12 @@ class CacheTarget:
     rows: RowSource
 
 
-def teacher_identity(teacher: ModelSpec) -> dict[str, Any]:
-    identity = {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights)}
+def teacher_identity(teacher: ModelSpec, options: storage.Options = None) -> dict[str, Any]:
+    identity = {"factory": teacher.factory, "kwargs": teacher.kwargs, "weights_sha256": weights_digest(teacher.weights, options)}
     if teacher.factory.endswith(":hf_causal_lm") and "path" in teacher.kwargs:
         from pipeline.models.hf import hf_weights_digest
 
-        identity["files_sha256"] = hf_weights_digest(teacher.kwargs["path"])  # a saved HF model directory
+        identity["files_sha256"] = hf_weights_digest(teacher.kwargs["path"], options)  # a saved HF model directory
     return identity
 
 
@@ -43,13 +43,13 @@ def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
     if not outputs["taps"]:
         del outputs["taps"]  # caches made before taps existed keep their ids
     if cfg.teachers:
-        outputs["teachers"] = {name: teacher_identity(t) for name, t in cfg.teachers.items()}
+        outputs["teachers"] = {name: teacher_identity(t, cfg.storage) for name, t in cfg.teachers.items()}
     return outputs
 
 
 def resolve_target(cfg: PrecomputeConfig) -> CacheTarget:
-    rows = open_source(cfg.source)
+    rows = open_source(cfg.source, cfg.storage)
     source = rows.describe()
-    identity = cache_identity(teacher=teacher_identity(cfg.teacher), dataset=rows.identity(source), outputs=outputs_identity(cfg))
+    identity = cache_identity(teacher=teacher_identity(cfg.teacher, cfg.storage), dataset=rows.identity(source), outputs=outputs_identity(cfg))
     cache_id = cache_key(identity)
     return CacheTarget(cache_id=cache_id, uri=storage.join(cfg.cache_root, cache_id), identity=identity, source=source, rows=rows)

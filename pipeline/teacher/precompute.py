@@ -47,23 +47,27 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     """Compute (or find) the cache for `cfg`. A second call with the same content inputs does no teacher work."""
     for teacher in cfg.all_teachers.values():  # fail on a typo before hashing weights or starting Ray
         resolve_factory(teacher.factory)
-    storage.configure(**cfg.storage.model_dump())
-    storage.check_reachable(cfg.cache_root, "cache root")
+    opts = cfg.storage
+    storage.check_reachable(cfg.cache_root, "cache root", opts)
     target = resolve_target(cfg)
-    if not force and storage.exists(manifest_uri(target.uri)):
+
+    def published() -> bool:
+        return storage.exists(manifest_uri(target.uri), opts)
+
+    if not force and published():
         log(f"cache hit: {target.uri}")
         return _hit(cfg, target, log)
     check_teachers(cfg, target.source)
     for name, teacher in cfg.all_teachers.items():
         if teacher.weights is None:
             log(f"warning: teacher {name!r} has no `weights`; its outputs come from random initialisation")
-    lock = CacheLock(target.uri)
+    lock = CacheLock(target.uri, opts)
     try:
-        if not lock.acquire_unless(lambda: not force and storage.exists(manifest_uri(target.uri)), log):
+        if not lock.acquire_unless(lambda: not force and published(), log):
             log(f"cache hit: {target.uri} (published by another run while this one waited)")
             return _hit(cfg, target, log)
         try:
-            if not force and storage.exists(manifest_uri(target.uri)):
+            if not force and published():
                 log(f"cache hit: {target.uri} (published by another run while this one waited)")
                 return _hit(cfg, target, log)
             return _compute(cfg, target, force=force, address=address, log=log)
@@ -77,39 +81,40 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
 
 def _hit(cfg: PrecomputeConfig, target: CacheTarget, log: Log) -> PrecomputeResult:
     try:  # caches published before config records existed get one; a hit must still work on a read-only root
-        record_cache(cfg.cache_root, cfg.recipe(), target.cache_id)
+        record_cache(cfg.cache_root, cfg.recipe(), target.cache_id, cfg.storage)
     except OSError as e:
         log(f"warning: could not record this config under {cfg.cache_root} ({type(e).__name__}); "
             f"train configs naming it must use `cache: {target.uri}`")
-    return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri))
+    return PrecomputeResult(uri=target.uri, hit=True, rows_computed=0, manifest=read_manifest(target.uri, cfg.storage))
 
 
 def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address: str | None, log: Log) -> PrecomputeResult:
     """The teacher pass, under the cache's lock."""
     rows_total = sum(target.source.rows.values())
+    opts = cfg.storage
     if force:
-        clear_attempts(target.uri)
+        clear_attempts(target.uri, opts)
     ensure_ray(address)
 
     import ray
 
     # An earlier attempt that did not finish left committed rows and a checkpoint: resume it.
-    skipped = committed_rows(target.uri)
+    skipped = committed_rows(target.uri, opts)
     if skipped:
         log(f"resuming {target.uri}: {skipped} of {rows_total} rows are already done")
     else:
         log(f"cache miss: computing {target.uri} ({rows_total} rows)")
     source_uri, source_files = stage_source(cfg, target.rows, target.uri)
-    fs, shards_path = storage.arrow_filesystem(storage.join(target.uri, SHARDS_DIR))
-    src_fs, src_path = storage.arrow_filesystem(source_uri)
+    fs, shards_path = storage.arrow_filesystem(storage.join(target.uri, SHARDS_DIR), opts)
+    src_fs, src_path = storage.arrow_filesystem(source_uri, opts)
     started = time.time()
     todo = rows_total - skipped
 
     def report() -> None:  # rows committed (what a restart would keep), rows/s and ETA; also in `ray job logs`
-        done = max(0, committed_rows(target.uri) - skipped)
+        done = max(0, committed_rows(target.uri, opts) - skipped)
         log(progress_line("precompute", min(done, todo), todo, time.time() - started))
 
-    with checkpointing(target.uri):
+    with checkpointing(target.uri, opts):
         ds = ray.data.read_parquet(src_path, filesystem=src_fs, override_num_blocks=max(source_files, 1)).map_batches(
             TeacherPredictor,
             fn_constructor_kwargs=_predictor_kwargs(cfg, target),
@@ -134,7 +139,7 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
                             teacher_nodes=actor_nodes(map_worker_class_name(TeacherPredictor)),
                             rows_computed=todo, rows_resumed=skipped, fraction_computed=round(todo / max(rows_total, 1), 4))
     manifest = publish(cfg, target, stats)
-    storage.remove_tree(source_uri)
+    storage.remove_tree(source_uri, opts)
     log(f"wrote {manifest.rows} rows in {len(manifest.shards)} shards ({manifest.bytes / 1e6:.1f} MB) "
         f"in {wall:.1f}s, {todo / max(wall, 1e-9):.0f} rows/s: {target.uri}")
     return PrecomputeResult(uri=target.uri, hit=False, rows_computed=todo, manifest=manifest)
@@ -149,7 +154,7 @@ def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
         "logits_spec": cfg.outputs.logits.model_dump(),
         "use_gpu": cfg.gpus_per_actor > 0,
         "threads": max(1, int(cfg.cpus_per_actor)) if cfg.gpus_per_actor == 0 else None,
-        "storage_options": storage.options(),
+        "storage_options": cfg.storage,
     }
 
 

@@ -26,9 +26,9 @@ class TeacherPredictor:
 
     def __init__(self, teachers: dict[str, dict[str, Any]], input_shape: tuple[int, ...], num_classes: int,
                  logits_dtype: str = "float16", taps: list[dict[str, Any]] | None = None, use_gpu: bool = False,
-                 threads: int | None = None, storage_options: dict[str, Any] | None = None,
+                 threads: int | None = None, storage_options: storage.StorageOptions | None = None,
                  logits_spec: dict[str, Any] | None = None) -> None:
-        storage.configure(**(storage_options or {}))  # this actor may load the weights from S3
+        self.options = storage_options  # this actor may load the weights from S3
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
             torch.set_num_threads(threads)
@@ -47,8 +47,8 @@ class TeacherPredictor:
         over them layer by layer (device_map="auto") instead of copied to one."""
         if self.device.type == "cuda" and torch.cuda.device_count() > 1 and spec.factory.endswith(":hf_causal_lm"):
             spec = spec.model_copy(update={"kwargs": {**spec.kwargs, "device_map": "auto"}})
-            return build_model(spec, input_shape=input_shape, num_classes=num_classes).eval()
-        return build_model(spec, input_shape=input_shape, num_classes=num_classes).to(self.device).eval()
+            return build_model(spec, input_shape=input_shape, num_classes=num_classes, options=self.options).eval()
+        return build_model(spec, input_shape=input_shape, num_classes=num_classes, options=self.options).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encoded outputs for the batch; a failure names the first row that fails on its own, so the

@@ -54,8 +54,8 @@ def outputs_records(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str
 def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) -> Manifest:
     """Checksum every shard, check the row counts against the source, then write the manifest."""
     shards, columns, shapes, column_bytes = [], None, {}, {}
-    for rel in list_shard_files(target.uri):
-        facts = inspect_shard(storage.join(target.uri, rel))
+    for rel in list_shard_files(target.uri, cfg.storage):
+        facts = inspect_shard(storage.join(target.uri, rel), cfg.storage)
         columns = columns or facts.columns
         shapes = shapes or facts.shapes
         for c, b in facts.column_bytes.items():
@@ -71,8 +71,8 @@ def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) 
     manifest = Manifest(
         cache_id=target.cache_id,
         task="tokens" if text else "classification",
-        teachers={name: _teacher_record(target, name, t, text) for name, t in cfg.all_teachers.items()},
-        dataset={**target.identity["dataset"], **({"tokenizer": _save_tokenizer(target)} if text else {})},
+        teachers={name: _teacher_record(target, name, t, text, cfg.storage) for name, t in cfg.all_teachers.items()},
+        dataset={**target.identity["dataset"], **({"tokenizer": _save_tokenizer(target, cfg.storage)} if text else {})},
         outputs=outputs_records(cfg, target, shapes, per_row),
         num_classes=target.source.num_classes,
         input_shape=list(target.source.input_shape),
@@ -84,12 +84,12 @@ def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) 
         stats=stats,
         config=cfg.model_dump(mode="json"),
     )
-    write_manifest(target.uri, manifest)
-    record_cache(cfg.cache_root, cfg.recipe(), target.cache_id)
+    write_manifest(target.uri, manifest, cfg.storage)
+    record_cache(cfg.cache_root, cfg.recipe(), target.cache_id, cfg.storage)
     return manifest
 
 
-def _teacher_record(target: CacheTarget, name: str, spec: ModelSpec, text: bool) -> TeacherRecord:
+def _teacher_record(target: CacheTarget, name: str, spec: ModelSpec, text: bool, options: storage.Options) -> TeacherRecord:
     identity: dict[str, Any] = (target.identity["teacher"] if name == PRIMARY_TEACHER
                                 else target.identity["outputs"]["teachers"][name])
     width = None
@@ -97,16 +97,16 @@ def _teacher_record(target: CacheTarget, name: str, spec: ModelSpec, text: bool)
         from pipeline.models.hf import hf_logit_width
 
         path = spec.kwargs.get("path")
-        width = (hf_logit_width(str(path)) if path and spec.factory.endswith(":hf_causal_lm") else None) or target.source.num_classes
+        width = (hf_logit_width(str(path), options) if path and spec.factory.endswith(":hf_causal_lm") else None) or target.source.num_classes
     return TeacherRecord(**identity, weights=spec.weights, logit_width=width,
                          dropped_logit_rows=max((width or 0) - target.source.num_classes, 0))
 
 
-def _save_tokenizer(target: CacheTarget) -> dict[str, Any]:
+def _save_tokenizer(target: CacheTarget, options: storage.Options) -> dict[str, Any]:
     """A text cache carries its tokenizer, so every student (and any later decoding) uses the same one."""
     from pipeline.data.tokenizer import save_tokenizer, tokenizer_digest
 
     tok = target.rows.tokenizer()  # type: ignore[attr-defined]
-    save_tokenizer(tok, storage.join(target.uri, TOKENIZER_FILE))
+    save_tokenizer(tok, storage.join(target.uri, TOKENIZER_FILE), options)
     return {"path": TOKENIZER_FILE, "digest": tokenizer_digest(tok), "vocab_size": tok.get_vocab_size(),
             "kind": target.rows.cfg.tokenizer.kind}  # type: ignore[attr-defined]

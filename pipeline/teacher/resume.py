@@ -17,12 +17,12 @@ from pipeline.cache.schema import CHECKPOINT_DIR, SAMPLE_ID, SHARDS_DIR, SOURCE_
 
 
 @contextmanager
-def checkpointing(cache_uri: str) -> Iterator[None]:
+def checkpointing(cache_uri: str, options: storage.Options = None) -> Iterator[None]:
     """Ray Data checkpointing keyed by sample_id for datasets built inside the block."""
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
-    fs, path = storage.arrow_filesystem(storage.join(cache_uri, CHECKPOINT_DIR))
+    fs, path = storage.arrow_filesystem(storage.join(cache_uri, CHECKPOINT_DIR), options)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(id_column=SAMPLE_ID, checkpoint_path=path, override_filesystem=fs,
@@ -33,9 +33,9 @@ def checkpointing(cache_uri: str) -> Iterator[None]:
         ctx.checkpoint_config = saved
 
 
-def committed_rows(cache_uri: str) -> int:
+def committed_rows(cache_uri: str, options: storage.Options = None) -> int:
     """Rows an earlier, interrupted attempt committed (Ray Data skips them on resume)."""
-    fs, path = storage.filesystem(storage.join(cache_uri, CHECKPOINT_DIR))
+    fs, path = storage.filesystem(storage.join(cache_uri, CHECKPOINT_DIR), options)
     if not fs.exists(path):
         return 0
     total = 0
@@ -46,9 +46,9 @@ def committed_rows(cache_uri: str) -> int:
     return total
 
 
-def clear_attempts(cache_uri: str) -> None:
+def clear_attempts(cache_uri: str, options: storage.Options = None) -> None:
     """Remove every trace of earlier attempts. The manifest goes first, so no reader sees a
     complete cache while the shards change."""
-    storage.remove_file(manifest_uri(cache_uri))
+    storage.remove_file(manifest_uri(cache_uri), options)
     for sub in (SHARDS_DIR, SOURCE_DIR, CHECKPOINT_DIR):
-        storage.remove_tree(storage.join(cache_uri, sub))
+        storage.remove_tree(storage.join(cache_uri, sub), options)

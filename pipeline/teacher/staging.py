@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.cache.schema import SAMPLE_ID, SOURCE_DIR, SPLIT
+from pipeline.cache.tensors import tensor_array
 from pipeline.config import PrecomputeConfig
 from pipeline.data.sources import SPLITS, RowSource
 
@@ -27,14 +28,15 @@ def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tupl
     """
     import ray
 
+    options = cfg.storage
     uri = storage.join(cache_uri, SOURCE_DIR)
     marker = storage.join(uri, "_SUCCESS")
-    fs, path = storage.arrow_filesystem(uri)
-    if not storage.exists(marker):
-        storage.remove_tree(uri)
+    fs, path = storage.arrow_filesystem(uri, options)
+    if not storage.exists(marker, options):
+        storage.remove_tree(uri, options)
         if rows.streams:  # a user's table, and its validation table if it has one
             for table_uri, split in rows.tables():
-                src_fs, src_path = storage.arrow_filesystem(table_uri)
+                src_fs, src_path = storage.arrow_filesystem(table_uri, options)
                 ray.data.read_parquet(src_path, filesystem=src_fs).map_batches(
                     rows.standardize, fn_kwargs={"split": split}, batch_format="numpy").write_parquet(path, filesystem=fs)
         else:
@@ -49,17 +51,15 @@ def stage_source(cfg: PrecomputeConfig, rows: RowSource, cache_uri: str) -> tupl
                     part = {name: arrow_column(values[i:i + step]) for name, values in cols.items()}
                     part[SPLIT] = pa.array([split] * len(part[SAMPLE_ID]), pa.string())
                     pq.write_table(pa.table(part), f"{path}/{split}-{i // step:05d}.parquet", filesystem=fs)
-        storage.write_bytes_atomic(marker, b"")
-    listing_fs, listing_path = storage.filesystem(uri)
+        storage.write_bytes_atomic(marker, b"", options)
+    listing_fs, listing_path = storage.filesystem(uri, options)
     return uri, len([p for p in listing_fs.find(listing_path) if p.endswith(".parquet")])
 
 
 def arrow_column(values: np.ndarray):
-    """Ids as strings, per-row arrays as Ray's tensor columns, scalars as they are."""
-    from ray.data.extensions import ArrowTensorArray
-
+    """Ids as strings, per-row arrays as Arrow's canonical tensor columns, scalars as they are."""
     if values.dtype == object:
         return pa.array(values.tolist(), pa.string())
     if values.ndim > 1:
-        return ArrowTensorArray.from_numpy(values)
+        return tensor_array(values)
     return pa.array(values)

@@ -61,17 +61,32 @@ def _configs(tmp_path, endpoint, fs):
     return pre_path, trains
 
 
-def test_pipeline_on_a_cluster_with_s3(cluster, s3, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pipeline(cluster, s3, tmp_path_factory):
+    """`distill submit pipeline` once for the module: its summary line, the configs and the output."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    url, _ = cluster
+    endpoint, fs = s3
+    pre, trains = _configs(tmp_path_factory.mktemp("pipeline"), endpoint, fs)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["submit", "pipeline", pre, *trains, "--address", url, "--wait"])
+    assert code == 0, out.getvalue()[-3000:]
+    summary = json.loads([line for line in out.getvalue().splitlines() if line.startswith('{"cache"')][-1])
+    return summary, pre, trains
+
+
+def test_pipeline_on_a_cluster_with_s3(cluster, s3, pipeline, capsys):
     from pipeline.cli import main
     from pipeline.submit import job_client, list_jobs
 
     url, gpu_node = cluster
     endpoint, fs = s3
-    pre, trains = _configs(tmp_path, endpoint, fs)
-    capsys.readouterr()
-    assert main(["submit", "pipeline", pre, *trains, "--address", url, "--wait"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads([line for line in out.splitlines() if line.startswith('{"cache"')][-1])
+    summary, pre, trains = pipeline
     assert summary["teacher_job"] and len(summary["student_jobs"]) == 2
     assert set(summary["statuses"].values()) == {"SUCCEEDED"}
 
@@ -89,12 +104,65 @@ def test_pipeline_on_a_cluster_with_s3(cluster, s3, tmp_path, capsys):
         info = client.get_job_info(job_id)
         assert "testing" not in json.dumps({"env": info.runtime_env, "meta": info.metadata, "ep": info.entrypoint})
 
-    # Again: the cache exists, so no teacher job at all.
+    # Again: the cache exists, so no teacher job at all; the finished student is not retrained.
+    before = fs.cat("distill/runs/e2e-kd/result.json")
     precompute_jobs = [j for j in list_jobs(client) if j["stage"] == "precompute"]
+    capsys.readouterr()
     assert main(["submit", "pipeline", pre, trains[0], "--address", url, "--wait"]) == 0
-    again = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{"cache"')][-1])
+    out = capsys.readouterr().out
+    again = json.loads([line for line in out.splitlines() if line.startswith('{"cache"')][-1])
     assert again["teacher_job"] is None and len(again["student_jobs"]) == 1
     assert [j for j in list_jobs(client) if j["stage"] == "precompute"] == precompute_jobs
+    assert "e2e-kd already finished, not retrained" in out
+    assert fs.cat("distill/runs/e2e-kd/result.json") == before
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_resubmitted_train_job_resumes_from_its_latest_checkpoint(cluster, s3, pipeline, tmp_path, capsys):
+    """A train job stopped mid-run (a lost driver, a RayJob retried by KubeRay) and submitted again
+    continues from its latest checkpoint: the checkpoints and history of the first job survive."""
+    from pipeline.cli import main
+    from pipeline.submit import job_client
+
+    url, _ = cluster
+    endpoint, fs = s3
+    summary, _, _ = pipeline
+    t = yaml.safe_load(open(DIGITS_KD))
+    t.pop("precompute")
+    t.update(cache=summary["cache"], storage_path="s3://distill/runs", name="e2e-resume", epochs=15,
+             storage={"endpoint_url": endpoint})
+    path = write_yaml(tmp_path / "resume.yaml", t)
+    capsys.readouterr()
+    assert main(["submit", "train", path, "--address", url]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+    checkpoints = lambda: [p for p in fs.ls("distill/runs/e2e-resume", refresh=True) if "/checkpoint_" in p] \
+        if fs.exists("distill/runs/e2e-resume") else []  # noqa: E731
+    _wait_for(lambda: any(fs.exists(f"{c}/meta.pt") for c in checkpoints()), 240, "the first checkpoint")
+    client = job_client(url)
+    client.stop_job(job_id)
+    _wait_for(lambda: str(client.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job to stop")
+    assert not fs.exists("distill/runs/e2e-resume/result.json")
+    kept = sorted(checkpoints())
+    assert kept
+
+    assert main(["submit", "train", path, "--address", url, "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming e2e-resume from its latest checkpoint" in out
+    fs.invalidate_cache()  # the listings above predate result.json
+    result = json.loads(fs.cat("distill/runs/e2e-resume/result.json"))
+    steps_per_epoch = 1438 // 64
+    assert result["epochs"] == 15 and result["history"][-1]["step"] == 15 * steps_per_epoch
+    resumed = result["history"][-1]["resumed_from_step"]
+    assert resumed > 0 and resumed % steps_per_epoch == 0  # from a checkpoint the first job wrote
+    assert [h["step"] for h in result["history"]] == [steps_per_epoch * (e + 1) for e in range(15)]  # none lost, none twice
 
 
 def test_failed_job_shows_its_logs_and_exits_1(cluster, s3, tmp_path, capsys):

@@ -19,7 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 def s3(ray_session):
     with moto_s3() as (endpoint, fs):
         yield endpoint, fs
-    storage.configure()  # back to no endpoint override for the other tests
 
 
 def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
@@ -112,8 +111,7 @@ def test_transient_s3_errors_are_retried_without_losing_or_duplicating_rows(digi
         manifest = json.loads(fs.cat(f"{cache}/manifest.json"))
         ids = [i for s in manifest["shards"] for i in pq.read_table(fs.open(f"{cache}/{s['path']}")).column("sample_id").to_pylist()]
         assert len(ids) == len(set(ids)) == 1797
-        storage.configure(endpoint_url=endpoint)
-        assert verify_cache(f"s3://{cache}") == []
+        assert verify_cache(f"s3://{cache}", storage.StorageOptions(endpoint_url=endpoint)) == []
         train = yaml.safe_load(open(DIGITS_KD))
         train.update(precompute=pre_path, storage_path="s3://distill/flaky-runs", storage={"endpoint_url": proxy.endpoint},
                      name="flaky", epochs=2)

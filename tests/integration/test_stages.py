@@ -10,15 +10,21 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.teacher.identity import resolve_target
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline.cache.tensors import to_numpy
 from pipeline.cache.verify import list_shard_files, verify_cache
 from pipeline.cli import main
 from pipeline.data.sources import load_split
+from pipeline.teacher.identity import resolve_target
 from tests.conftest import DIGITS_KD, write_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def column(table, name):
+    """One column of a shard as numpy (tensor columns as (rows, *shape))."""
+    return to_numpy(table.column(name), table.schema.field(name))
 
 
 def _read_cache(uri):
@@ -41,12 +47,22 @@ def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
 
     val = load_split(cfg.source, "val")
     order = {sid: i for i, sid in enumerate(tables["val"].column(SAMPLE_ID).to_pylist())}
-    stored_logits = tables["val"].column(LOGITS).combine_chunks().to_numpy()  # Ray's tensor extension type
+    stored_logits = column(tables["val"], LOGITS)
     assert stored_logits.dtype == np.float16 and stored_logits.shape == (359, 10)
     expected = teacher_logits_for(cfg, val[X])
     rows = [order[sid] for sid in val["sample_id"]]
     np.testing.assert_allclose(stored_logits[rows].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(tables["val"].column(LABEL).to_numpy()[rows], val[LABEL])
+
+
+def test_the_cache_stage_1_wrote_reads_without_ray(digits_stage1):
+    """What Ray Data wrote, read by pyarrow and DuckDB in a process that never imports Ray or torch."""
+    from tests.unit.test_cache_readers import check_read, read_in_fresh_process
+
+    uri = resolve_target(digits_stage1["config"]).uri
+    out = read_in_fresh_process(uri)
+    check_read(out, read_manifest(uri))
+    assert out["types"][LOGITS].startswith("extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[10]")
 
 
 def test_second_precompute_is_a_cache_hit_and_force_recomputes(digits_stage1, capsys):
@@ -105,7 +121,7 @@ def test_float32_logits_on_request_make_another_cache(digits_stage1):
     assert result.uri != resolve_target(digits_stage1["config"]).uri
     m, tables = _read_cache(result.uri)
     assert m.logits().dtype == "float32"
-    assert tables["val"].column(LOGITS).combine_chunks().to_numpy().dtype == np.float32
+    assert column(tables["val"], LOGITS).dtype == np.float32
 
 
 def test_parquet_source_through_ray_data(digits_stage1, tmp_path):

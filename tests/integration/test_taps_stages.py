@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import SAMPLE_ID, X
+from pipeline.cache.tensors import to_numpy
 from pipeline.cli import main
 from pipeline.config import load_precompute_config
 from pipeline.data.sources import load_split
@@ -21,6 +22,11 @@ from pipeline.models.factory import build_model
 from tests.conftest import DIGITS_KD, write_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def column(table, name):
+    """One column of a shard as numpy (tensor columns as (rows, *shape))."""
+    return to_numpy(table.column(name), table.schema.field(name))
 
 # digits_cnn: "1" is the first ReLU (32x8x8), "4" the pooled block (64x4x4), "8" the 128-d ReLU.
 TAPS = [
@@ -54,7 +60,7 @@ def test_stored_taps_equal_the_teachers_activations(tapped_cache):
     val = load_split(tapped_cache["config"].source, "val")
     order = {sid: i for i, sid in enumerate(table.column(SAMPLE_ID).to_pylist())}
     rows = [order[s] for s in val["sample_id"]]
-    col = {c: table.column(c).combine_chunks().to_numpy()[rows].astype(np.float32)
+    col = {c: column(table, c)[rows].astype(np.float32)
            for c in ("tap_block", "tap_attn", "tap_emb", "teacher_logits", "twin_logits")}
     # Recompute the activations here, walking the teacher's layers by hand (no hooks).
     teacher = build_model(tapped_cache["config"].teacher, input_shape=(1, 8, 8), num_classes=10).eval()

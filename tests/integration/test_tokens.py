@@ -22,6 +22,7 @@ from pipeline.cache.schema import (
     TOPK_LSE,
     TOPK_VALUES,
 )
+from pipeline.cache.tensors import to_numpy
 from pipeline.cli import main
 from pipeline.config import ModelSpec, load_precompute_config
 from pipeline.data.sources import load_split
@@ -31,6 +32,11 @@ from pipeline.teacher.identity import resolve_target
 from tests.conftest import write_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def column(table, name):
+    """One column of a shard as numpy (tensor columns as (rows, *shape))."""
+    return to_numpy(table.column(name), table.schema.field(name))
 
 TEACHER = {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 32, "n_layers": 1, "n_heads": 2}}
 SOURCE = {"kind": "text", "seq_len": 16, "val_fraction": 0.25, "max_bytes": 40_000, "tokenizer": {"kind": "bpe", "vocab_size": 400}}
@@ -68,7 +74,7 @@ def test_topk_cache_holds_the_teachers_exact_buckets(lm_teacher):
     val = load_split(cfg.source, "val")
     order = {s: i for i, s in enumerate(table.column(SAMPLE_ID).to_pylist())}
     rows = [order[s] for s in val[SAMPLE_ID]]
-    col = {c: table.column(c).combine_chunks().to_numpy()[rows] for c in (TOPK_INDICES, TOPK_VALUES, TOPK_LSE, INPUT_IDS, LENGTH)}
+    col = {c: column(table, c)[rows] for c in (TOPK_INDICES, TOPK_VALUES, TOPK_LSE, INPUT_IDS, LENGTH)}
     assert col[TOPK_INDICES].dtype == np.uint16 and col[TOPK_VALUES].dtype == np.uint8
     np.testing.assert_array_equal(col[INPUT_IDS], val[INPUT_IDS])
     # Recompute the teacher here: stored ids are its top-8, stored lse its full-vocabulary normaliser.
@@ -141,8 +147,8 @@ def test_sequence_level_kd_stores_the_teachers_greedy_continuations(lm_teacher, 
     assert main(["precompute", path]) == 0
     cfg = load_precompute_config(path)
     m, table = _rows(resolve_target(cfg).uri, "train")
-    seq = table.column(TEACHER_SEQUENCE).combine_chunks().to_numpy()[:8].astype(np.int64)
-    ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:8].astype(np.int64)
+    seq = column(table, TEACHER_SEQUENCE)[:8].astype(np.int64)
+    ids = column(table, INPUT_IDS)[:8].astype(np.int64)
     assert seq.shape == (8, 12) and (seq[:, :4] == ids[:, :4]).all()
     teacher = build_model(cfg.teacher, input_shape=(16,), num_classes=400).eval()
     with torch.inference_mode():
@@ -179,11 +185,11 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     m, table = _rows(uri, "train")
     assert m.num_classes == 258 and m.teacher.files_sha256
     assert m.teacher.logit_width == 264 and m.teacher.dropped_logit_rows == 6
-    ids = table.column(INPUT_IDS).combine_chunks().to_numpy()[:4].astype(np.int64)
+    ids = column(table, INPUT_IDS)[:4].astype(np.int64)
     hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
     with torch.inference_mode():
         expected = hf(torch.from_numpy(ids[:, :-1])).logits[..., :258].topk(4, dim=-1)
-    stored = table.column(TOPK_VALUES).combine_chunks().to_numpy()[:4].astype(np.float32)
+    stored = column(table, TOPK_VALUES)[:4].astype(np.float32)
     np.testing.assert_allclose(stored, expected.values.numpy(), rtol=1e-2, atol=1e-2)
 
     # An HF student built from a config, sharded over two workers in bf16, written with save_pretrained.

@@ -33,3 +33,41 @@ def test_the_scale_benchmark_names_each_ratio_that_misses():
     assert missed(good) == []
     bad = {**good, "teacher_lm_efficiency": 0.49, "actor_rss_growth": 1.59}
     assert missed(bad) == ["teacher_lm_efficiency = 0.490, target >= 0.8", "actor_rss_growth = 1.590, target <= 1.2"]
+
+
+def test_the_shared_check_reads_floors_and_ceilings_and_skips_sections_not_run():
+    from jobs.benchmarks.common import Target, missed, targets
+
+    table = targets(Target("efficiency", ">=", 0.8), Target("memory_ratio", "<=", 0.6))
+    assert missed({"efficiency": 0.8, "memory_ratio": 0.6}, table) == []
+    assert missed({"efficiency": 0.5, "memory_ratio": None}, table) == ["efficiency = 0.500, target >= 0.8"]
+    assert missed({"memory_ratio": 0.75}, table) == ["memory_ratio = 0.750, target <= 0.6"]
+    assert table["efficiency"].kind == "min" and table["memory_ratio"].kind == "max"
+
+
+def test_a_report_names_the_accelerator_torch_sees():
+    import torch
+
+    from jobs.benchmarks.common import machine, machine_line
+
+    m = machine()
+    assert m["cpus"] and m["torch"] == torch.__version__
+    if torch.cuda.is_available():
+        assert m["gpus"] == torch.cuda.device_count() and m["accelerator"] == torch.cuda.get_device_name(0)
+        assert m["accelerator"] in machine_line(m) and "no GPU" not in machine_line(m)
+    else:
+        assert m["gpus"] == 0 and m["accelerator"] is None
+        assert machine_line(m).endswith("no GPU")
+    fake = {**m, "gpus": 2, "accelerator": "NVIDIA H100 80GB HBM3"}
+    assert machine_line(fake).endswith("2x NVIDIA H100 80GB HBM3")
+
+
+def test_a_report_is_written_as_json_and_markdown(tmp_path):
+    import json
+
+    from jobs.benchmarks.common import write_report
+
+    paths = write_report(str(tmp_path / "bench"), "stages", {"ratio": 0.9}, "| a |\n|---|")
+    assert paths == (str(tmp_path / "bench" / "stages.json"), str(tmp_path / "bench" / "stages.md"))
+    assert json.loads((tmp_path / "bench" / "stages.json").read_text()) == {"ratio": 0.9}
+    assert (tmp_path / "bench" / "stages.md").read_text() == "| a |\n|---|\n"

@@ -102,3 +102,22 @@ def test_docker_image_installs_the_built_wheel():
 def test_local_cluster_scripts_exist():
     for name in ("deploy/local/up.sh", "deploy/local/down.sh", "deploy/local/cluster.py"):
         assert glob.glob(name)
+
+
+def test_a_submitted_working_dir_leaves_build_artefacts_behind(tmp_path):
+    """What Ray packs for a job's working_dir (its own packer, with our excludes and no .gitignore):
+    the user's configs and modules, never wheels, sdists, checkpoints or a virtualenv."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from pipeline.submit import EXCLUDES
+
+    work = tmp_path / "work"
+    for name in ("configs/train.yaml", "my_models.py", "py_spy-0.4.3-py2.py3-none-any.whl", "dist/pkg-1.0.tar.gz",
+                 "build/lib/x.py", ".venv/bin/python", "runs/a/student.pt", "model.pt", "pkg.egg-info/PKG-INFO"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("x")
+    create_package(str(work), tmp_path / "pkg.zip", include_gitignore=False, excludes=EXCLUDES)
+    packed = sorted(n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/"))
+    assert packed == ["configs/train.yaml", "my_models.py"]

@@ -40,3 +40,15 @@ def test_every_link_resolves_inside_the_repository(page):
         if anchor and resolved.suffix == ".md":
             assert anchor in _anchors(resolved.read_text()), f"{page}: no heading for #{anchor} in {path or page}"
     assert "../shared" not in text
+
+
+def test_the_design_module_table_lists_every_module():
+    """docs/design.md's package table has a row for each folder of the package, naming every module in it."""
+    text = Path("docs/design.md").read_text()
+    rows = dict(re.findall(r"^\| `(pipeline/[\w/]*)` \| (.+) \|$", text, re.M))
+    folders = {str(p.parent) + "/" for p in Path("pipeline").rglob("__init__.py")}
+    assert set(rows) == folders
+    for folder, cell in rows.items():
+        named = set(re.findall(r"`(\w+)`", cell))
+        modules = {p.stem for p in Path(folder).glob("*.py") if p.stem != "__init__"}
+        assert modules <= named, f"{folder}: not in docs/design.md: {sorted(modules - named)}"

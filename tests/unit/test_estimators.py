@@ -55,7 +55,7 @@ def test_lower_variance_schemes_beat_plain_sampling_at_equal_k():
 
 @pytest.mark.parametrize("name,head,renormalise", [("priority", 0, False), ("head_tail", 3, True), ("multinomial", 0, True)])
 def test_the_sampled_loss_gradient_is_the_full_kd_gradient_in_expectation(name, head, renormalise):
-    from pipeline.student.token_losses import full_kd_loss, sampled_kd_loss
+    from pipeline.student.losses.tokens import full_kd_loss, sampled_kd_loss
 
     n, k = 4000, 6
     teacher = torch.randn(1, 1, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL
-from pipeline.student.losses import (
+from pipeline.student.losses.classification import (
     DistillationLoss,
     LossInputs,
     attention_loss,

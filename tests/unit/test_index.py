@@ -7,7 +7,7 @@ from pipeline.cache.catalog import list_caches
 from pipeline.cache.index import record_cache, recorded_cache
 from pipeline.config import load_precompute_config, load_train_config
 from pipeline.errors import DistillError
-from pipeline.student.checks import resolve_cache_uri
+from pipeline.student.prelude import resolve_cache_uri
 from tests.conftest import write_yaml
 
 TEXT = "jobs/configs/text/precompute-topk.yaml"

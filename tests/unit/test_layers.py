@@ -18,18 +18,25 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess:
 def test_the_package_keeps_its_layers():
     run = _lint(Path.cwd())
     assert run.returncode == 0, run.stdout[-3000:]
-    assert "Contracts: 2 kept, 0 broken." in run.stdout
+    assert "Contracts: 4 kept, 0 broken." in run.stdout
 
 
-def test_a_student_importing_the_teacher_or_the_cache_importing_config_is_caught(tmp_path):
-    """The check can fail: the same contracts on a copy of the package with two violations added."""
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_every_layer_violation_is_caught(tmp_path):
+    """The check can fail: the same contracts on a copy of the package with one violation of each added."""
     shutil.copytree("pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy("pyproject.toml", tmp_path)
-    loop = tmp_path / "pipeline/student/loop.py"
-    loop.write_text(loop.read_text() + "\n\ndef _sneak():\n    from pipeline.teacher.predictor import TeacherPredictor  # noqa\n")
-    key = tmp_path / "pipeline/cache/key.py"
-    key.write_text(key.read_text() + "\nfrom pipeline.config import TrainConfig  # noqa\n")
+    sneak = "\n\ndef _sneak():\n    from {} import {}  # noqa\n"
+    _append(tmp_path / "pipeline/student/train/step.py", sneak.format("pipeline.teacher.predictor", "TeacherPredictor"))
+    _append(tmp_path / "pipeline/cache/key.py", "\nfrom pipeline.config import TrainConfig  # noqa\n")
+    _append(tmp_path / "pipeline/cache/verify.py", sneak.format("ray.data", "read_parquet"))
+    _append(tmp_path / "pipeline/student/tasks/base.py", sneak.format("pipeline.student.train.order", "Order"))
     run = _lint(tmp_path)
     assert run.returncode == 1
-    assert "pipeline.student.loop -> pipeline.teacher.predictor" in run.stdout
-    assert "pipeline.cache.key -> pipeline.config" in run.stdout
+    assert "Contracts: 0 kept, 4 broken." in run.stdout
+    for line in ("pipeline.student.train.step -> pipeline.teacher.predictor", "pipeline.cache.key -> pipeline.config",
+                 "pipeline.cache.verify -> ray ", "pipeline.student.tasks.base -> pipeline.student.train.order"):
+        assert line in run.stdout, line

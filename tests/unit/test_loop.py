@@ -7,8 +7,8 @@ from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import ModelSpec
 from pipeline.models.builtin import digits_cnn, mlp
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, build_model, output_width
-from pipeline.student.loop import make_optimizer, train_epoch
-from pipeline.student.worker import teacher_evidence
+from pipeline.student.train.step import make_optimizer, train_epoch
+from pipeline.student.train.worker import teacher_evidence
 from pipeline.teacher.encode import encode_full_logits
 from tests.conftest import in_memory_task
 
@@ -65,18 +65,18 @@ def test_builders_fill_shape_and_classes():
 
 
 def test_teacher_evidence_detects_a_built_teacher_and_stage1_imports(monkeypatch):
-    monkeypatch.setattr("pipeline.student.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:mlp"])
+    monkeypatch.setattr("pipeline.student.train.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:mlp"])
     monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if not k.startswith("pipeline.teacher")})
     assert teacher_evidence("pipeline.models.builtin:digits_cnn") == []
-    monkeypatch.setattr("pipeline.student.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:digits_cnn"])
+    monkeypatch.setattr("pipeline.student.train.worker.BUILT_IN_THIS_PROCESS", ["pipeline.models.builtin:digits_cnn"])
     assert teacher_evidence("pipeline.models.builtin:digits_cnn") == ["built pipeline.models.builtin:digits_cnn"]
     monkeypatch.setitem(sys.modules, "pipeline.teacher.predictor", object())
     assert "imported pipeline.teacher.predictor" in teacher_evidence(None)
     # A teacher with weights: reading them is the evidence, building the same architecture is not (born-again).
-    monkeypatch.setattr("pipeline.student.worker.LOADED_IN_THIS_PROCESS", ["/w/student.pt"])
+    monkeypatch.setattr("pipeline.student.train.worker.LOADED_IN_THIS_PROCESS", ["/w/student.pt"])
     monkeypatch.delitem(sys.modules, "pipeline.teacher.predictor")
     assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == []
-    monkeypatch.setattr("pipeline.student.worker.LOADED_IN_THIS_PROCESS", ["/w/teacher.pt"])
+    monkeypatch.setattr("pipeline.student.train.worker.LOADED_IN_THIS_PROCESS", ["/w/teacher.pt"])
     assert teacher_evidence("pipeline.models.builtin:digits_cnn", "/w/teacher.pt") == ["loaded /w/teacher.pt"]
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL, LOGITS
-from pipeline.student.losses import DistillationLoss, ce_loss, kd_loss
+from pipeline.student.losses.classification import DistillationLoss, ce_loss, kd_loss
 
 S = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
 T_LOGITS = torch.tensor([[1.5, 0.0, -0.5], [-1.0, 2.0, 1.0]])

@@ -3,7 +3,7 @@
 import torch
 
 from pipeline.progress import Throttle, format_eta, progress_line
-from pipeline.student.loop import train_epoch
+from pipeline.student.train.step import train_epoch
 from tests.conftest import in_memory_task
 
 

@@ -85,7 +85,7 @@ def test_map_worker_actor_name_is_what_ray_data_gives_the_teacher_actors():
 @pytest.mark.parametrize("error,line", [
     (RuntimeError("ray.exceptions.RayTaskError(DistillError): ...\npipeline.errors.DistillError: weights 'x' do not exist — fix\nmore"),
      "weights 'x' do not exist — fix"),
-    (RuntimeError("wrapper"), "wrapper"),
+    (RuntimeError("wrapper"), "RuntimeError: wrapper"),
 ])
 def test_root_cause_finds_our_line_inside_a_ray_error(error, line):
     assert runtime.root_cause(error) == line
@@ -98,4 +98,17 @@ def test_root_cause_follows_the_cause_chain():
         except ValueError as inner:
             raise RuntimeError("outer") from inner
     except RuntimeError as e:
-        assert runtime.root_cause(e) == "the last line"
+        assert runtime.root_cause(e) == "ValueError: the last line"
+
+
+def test_root_cause_unwraps_a_ray_task_error_to_the_workers_exception():
+    from ray.exceptions import RayTaskError
+
+    from pipeline.errors import DistillError
+
+    wrapped = RayTaskError("train_fn", "Traceback ...\nlong text\n", KeyError("teacher_logits"))
+    outer = RuntimeError("Training failed")
+    outer.__cause__ = wrapped
+    assert runtime.root_cause(outer) == "KeyError: 'teacher_logits'"
+    ours = RayTaskError("train_fn", "Traceback ...", DistillError("shard 3 is missing", "recompute"))
+    assert runtime.root_cause(ours) == "shard 3 is missing — recompute"

@@ -7,7 +7,7 @@ import json
 import re
 
 from pipeline.cli import main
-from pipeline.report_sweep import is_sweep, write_sweep_report
+from pipeline.report.sweep import is_sweep, write_sweep_report
 from tests.unit.test_report import fake_result
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

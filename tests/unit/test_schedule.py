@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.student.schedule import lr_factor, scheduler, total_steps
+from pipeline.student.train.schedule import lr_factor, scheduler, total_steps
 
 
 def test_warmup_is_linear_and_the_first_step_already_moves():

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.student.loop import as_float, train_step
-from pipeline.student.precision import Precision
+from pipeline.student.train.step import as_float, train_step
+from pipeline.student.train.precision import Precision
 from tests.conftest import in_memory_task
 from pipeline.cache.schema import LABEL, LOGITS, X
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.cache.schema import LABEL, X
-from pipeline.student.stream import Order, ShardReader, in_order, micro_slices, train_batches
+from pipeline.student.train.order import Order, micro_slices
+from pipeline.student.train.reader import ShardReader, in_order, train_batches
 
 SHARD_ROWS = (7, 13, 5, 11)
 

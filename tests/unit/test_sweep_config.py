@@ -8,7 +8,7 @@ import yaml
 from pipeline.config.sweep import SweepConfig, apply_point, load_sweep_config, point_label
 from pipeline.errors import DistillError
 from pipeline.student.sweep import trial_mode
-from pipeline.student.sweep_results import _rank_key, field_value, table_lines
+from pipeline.student.sweep.results import _rank_key, field_value, table_lines
 from pipeline.config.sweep import trial_config
 from tests.conftest import write_yaml
 
@@ -128,3 +128,21 @@ def test_the_progress_callback_pickles_after_ray_train_replaced_print(monkeypatc
     cfg = SweepConfig.model_validate({"train": BASE, "grid": {"seed": [0]}})
     restored = pickle.loads(pickle.dumps(Progress(cfg, 1, original)))
     assert restored.total == 1 and restored.cfg == cfg and callable(restored.log)
+
+
+def test_a_sweep_saved_when_progress_lived_in_the_package_still_restores(monkeypatch):
+    """Tune pickles the callback with the experiment, by module path: sweeps saved before the sweep
+    package was split name `pipeline.student.sweep.Progress`, which must still resolve."""
+    import pickle
+
+    from pipeline.student.sweep import progress
+    from pipeline.student.sweep.progress import Progress
+
+    cfg = SweepConfig.model_validate({"train": BASE, "grid": {"seed": [0]}})
+    for old in (Progress, progress._say):  # as the old module pickled them
+        monkeypatch.setattr(old, "__module__", "pipeline.student.sweep")
+    saved = pickle.dumps(Progress(cfg, 2, print))
+    monkeypatch.undo()
+    assert b"pipeline.student.sweep\x94" in saved and b"pipeline.student.sweep.progress" not in saved
+    restored = pickle.loads(saved)
+    assert type(restored) is Progress and restored.total == 2 and restored.log is progress._say

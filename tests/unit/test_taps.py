@@ -12,8 +12,8 @@ from pipeline.config import LossConfig, ModelSpec, TapOutput
 from pipeline.errors import DistillError
 from pipeline.models.builtin import mnist_cnn
 from pipeline.models.taps import attention_map, capture, embedding
-from pipeline.student.losses import DistillationLoss
-from pipeline.student.model import Adapter, build_student, loss_inputs
+from pipeline.student.losses.classification import DistillationLoss
+from pipeline.student.tasks.tapped import Adapter, build_student, loss_inputs
 from pipeline.teacher.predictor import TeacherPredictor
 from tests.conftest import full_logits, make_manifest
 

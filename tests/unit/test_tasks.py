@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
-from pipeline.student.loop import make_optimizer, train_epoch
+from pipeline.student.train.step import make_optimizer, train_epoch
 from pipeline.student.tasks import TASKS, Task, task_for
 from pipeline.student.tasks.classification import ClassificationTask
 from pipeline.student.tasks.tokens import TokenTask
@@ -68,8 +68,9 @@ def test_a_new_task_kind_needs_one_class_and_one_registry_entry(monkeypatch):
 def test_the_trainer_and_worker_know_only_the_seam():
     graph = grimp.build_graph("pipeline")
     kinds = {"pipeline.student.tasks.classification", "pipeline.student.tasks.tokens"}
-    for module in ("pipeline.student.run", "pipeline.student.worker", "pipeline.student.loop", "pipeline.student.checks",
-                   "pipeline.student.datasets"):
+    for module in ("pipeline.student.train.driver", "pipeline.student.train.worker", "pipeline.student.train.step",
+                   "pipeline.student.prelude", "pipeline.student.train.plan", "pipeline.student.sweep.driver",
+                   "pipeline.student.sweep.trial"):
         assert not graph.find_modules_directly_imported_by(module) & kinds, module
     assert TASKS == {"classification": ClassificationTask, "tokens": TokenTask}
 

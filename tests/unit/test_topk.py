@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import SAMPLED_INDICES, SAMPLED_WEIGHTS, TOPK_INDICES, TOPK_LSE, TOPK_VALUES
 from pipeline.student.tasks.tokens import lm_eval_sums
-from pipeline.student.token_losses import (
+from pipeline.student.losses.tokens import (
     full_kd_loss,
     sampled_kd_loss,
     student_buckets,

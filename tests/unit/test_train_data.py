@@ -8,8 +8,8 @@ import pytest
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import TrainConfig
-from pipeline.student.datasets import in_memory_bytes
-from pipeline.student.window import Window
+from pipeline.student.train.plan import in_memory_bytes
+from pipeline.student.train.meter import Meter
 from tests.conftest import make_cache
 
 
@@ -42,7 +42,7 @@ def test_timed_counts_only_the_waits_for_batches():
             time.sleep(pause)
             yield i
 
-    window = Window("samples")
+    window = Meter("samples")
     seen = []
     for item in window.timed(slow(4, 0.05)):
         seen.append(item)

@@ -15,9 +15,9 @@ from pipeline.cache.schema import LABEL, LOGITS, PRIMARY_TEACHER, X
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import output_width
-from pipeline.student.divergence import kl_divergence, softened_log_probs
-from pipeline.student.losses import DistillationLoss
-from pipeline.student.model import build_student, loss_inputs
+from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
+from pipeline.student.losses.classification import DistillationLoss
+from pipeline.student.tasks.tapped import build_student, loss_inputs
 from pipeline.student.tasks.base import Batch, Task
 
 CALIBRATION_BINS = 10

@@ -27,7 +27,7 @@ from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, output_width
 from pipeline.models.hf import saved_tokenizer
 from pipeline.student.tasks.base import Batch, Task
-from pipeline.student.token_losses import (
+from pipeline.student.losses.tokens import (
     full_kd_loss,
     keep_masked,
     sampled_kd_loss,

@@ -13,7 +13,9 @@ from pipeline.progress import format_eta
 T = TypeVar("T")
 
 
-class Window:
+class Meter:
+    """Sums of one stretch between reports (not the shuffle window of `Order`)."""
+
     def __init__(self, unit: str) -> None:
         self.unit = unit
         self.reset()

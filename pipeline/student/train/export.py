@@ -28,18 +28,18 @@ def export_student(cfg: TrainConfig, manifest: Manifest, cache_uri: str, state: 
         model.model.save_pretrained(d)
         record = manifest.dataset.tokenizer
         if record is not None:
-            _save_tokenizer(storage.join(cache_uri, record.path), d)
+            _save_tokenizer(storage.join(cache_uri, record.path), d, cfg.storage)
         for name in sorted(os.listdir(d)):
-            storage.write_bytes_atomic(storage.join(uri, name), open(os.path.join(d, name), "rb").read())
+            storage.write_bytes_atomic(storage.join(uri, name), open(os.path.join(d, name), "rb").read(), cfg.storage)
     return uri
 
 
-def _save_tokenizer(tokenizer_uri: str, directory: str) -> None:
+def _save_tokenizer(tokenizer_uri: str, directory: str, options: storage.Options) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from pipeline.data.tokenizer import load_tokenizer, special_ids
 
-    tok = load_tokenizer(tokenizer_uri)
+    tok = load_tokenizer(tokenizer_uri, options)
     pad, eos = special_ids(tok)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(eos), pad_token=tok.id_to_token(pad))
     fast.save_pretrained(directory)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL, LOGITS
 from pipeline.models.taps import attention_map, embedding
-from pipeline.student.divergence import kl_divergence, softened_log_probs
+from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
-from pipeline.student.precision import Precision
+from pipeline.student.train.precision import Precision
 from pipeline.student.tasks.base import Batch, Task
 
 Sync = Callable[[bool], ContextManager[Any]]

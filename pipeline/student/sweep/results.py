@@ -12,14 +12,15 @@ import yaml
 from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest
 from pipeline.config.sweep import SweepConfig, point_label, value_label
-from pipeline.student.trial import config_of, values_of
+from pipeline.runtime import root_cause
+from pipeline.student.sweep.trial import SweepContext, config_of, values_of
 
 SWEEP_FILE = "sweep.json"
 TABLE_FILE = "sweep.md"
 BEST_FILE = "best.yaml"
 
 
-def _checkpoint(result, mode: str, trials_path: str):
+def _checkpoint(result, mode: str, trials_path: str, options: storage.Options):
     """The trial's latest checkpoint: Tune's own for direct trials; the Train run's, whose path (on the
     run's filesystem, without a scheme) Tune's report callback adds to the metrics, for train trials."""
     if mode == "direct":
@@ -29,16 +30,17 @@ def _checkpoint(result, mode: str, trials_path: str):
         return None
     import ray.train
 
-    fs = None if storage.is_local(trials_path) else storage.arrow_filesystem(trials_path)[0]
+    fs = None if storage.is_local(trials_path) else storage.arrow_filesystem(trials_path, options)[0]
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def collect(cfg: SweepConfig, grid, context: dict[str, Any], manifest: Manifest, cache_uri: str, mode: str,
+def collect(cfg: SweepConfig, grid, context: SweepContext, manifest: Manifest, cache_uri: str, mode: str,
             log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One row per trial (best first), after writing its result.json beside its checkpoints."""
-    from pipeline.student.checks import check_student
-    from pipeline.student.run import result_record
+    from pipeline.student.prelude import Prepared, check_student
+    from pipeline.student.train.driver import result_record
 
+    options = cfg.train.storage
     trials = []
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1]
@@ -47,19 +49,19 @@ def collect(cfg: SweepConfig, grid, context: dict[str, Any], manifest: Manifest,
         row: dict[str, Any] = {"trial_id": trial_id, "values": values, "label": point_label(values),
                                "fields": {f: field_value(trial_cfg, f) for f in cfg.varied()}, "alpha": trial_cfg.alpha}
         if result.error is not None:
-            trials.append({**row, "status": "failed", "error": str(result.error).strip().splitlines()[-1][:300]})
+            trials.append({**row, "status": "failed", "error": root_cause(result.error)[:300]})
             continue
-        run_dir = storage.join(context["trials_path"], trial_id)
-        rundir.write_config(run_dir, trial_cfg.model_dump(mode="json"))
-        task = check_student(trial_cfg, manifest)
-        record = result_record(trial_cfg, task, manifest, cache_uri, run_dir, _checkpoint(result, mode, context["trials_path"]), result.metrics,
-                               float((result.metrics or {}).get("time_total_s", 0.0)))
-        record["sweep"] = {"name": cfg.name, "values": values}
-        rundir.write_result(run_dir, record)
-        last = record["history"][-1] if record["history"] else dict(result.metrics or {})
-        done = record["weights"] is not None
+        run_dir = storage.join(context.trials_path, trial_id)
+        rundir.write_config(run_dir, trial_cfg.model_dump(mode="json"), options)
+        ready = Prepared(cache_uri, manifest, check_student(trial_cfg, manifest))
+        record = result_record(trial_cfg, ready, run_dir, _checkpoint(result, mode, context.trials_path, options),
+                               result.metrics, float((result.metrics or {}).get("time_total_s", 0.0)))
+        record.sweep = rundir.SweepRecord(name=cfg.name, values=values)
+        rundir.write_result(run_dir, record, options)
+        last = record.history[-1] if record.history else dict(result.metrics or {})
+        done = record.weights is not None
         trials.append({**row, "status": "finished" if done else "stopped early", "metric": last.get(cfg.metric),
-                       "epochs": last.get("epoch"), "steps": last.get("step"), "wall_s": record["wall_s"], "run_dir": run_dir})
+                       "epochs": last.get("epoch"), "steps": last.get("step"), "wall_s": record.wall_s, "run_dir": run_dir})
     return sorted(trials, key=lambda t: _rank_key(t, cfg.mode))
 
 
@@ -88,16 +90,17 @@ def write_outputs(cfg: SweepConfig, sweep_dir: str, trials: list[dict[str, Any]]
     summary = {"name": cfg.name, "metric": cfg.metric, "mode": cfg.mode, "trial_mode": mode, "cache": cache_uri,
                "varied": cfg.varied(), "wall_s": round(wall, 2), "best": best["trial_id"] if best else None,
                "trials": trials, "config": cfg.model_dump(mode="json")}
-    rundir.write_json(storage.join(sweep_dir, SWEEP_FILE), summary)
+    options = cfg.train.storage
+    rundir.write_json(storage.join(sweep_dir, SWEEP_FILE), summary, options)
     table = table_lines(cfg, trials)
-    storage.write_bytes_atomic(storage.join(sweep_dir, TABLE_FILE), ("\n".join(table) + "\n").encode())
+    storage.write_bytes_atomic(storage.join(sweep_dir, TABLE_FILE), ("\n".join(table) + "\n").encode(), options)
     if best is not None:
-        best_cfg = rundir.read_result(best["run_dir"])["config"]
+        best_cfg = dict(rundir.read_result(best["run_dir"], options).config)
         best_cfg.update(name=f"{cfg.name}-best", storage_path=cfg.train.storage_path, cache=cache_uri, precompute=None)
         header = (f"# The best trial of sweep {cfg.name} ({best['trial_id']}: {best['label']}), "
                   f"{cfg.metric} {best['metric']:.4f}.\n# Train it again: distill train {BEST_FILE}\n")
         storage.write_bytes_atomic(storage.join(sweep_dir, BEST_FILE),
-                                   (header + yaml.safe_dump(best_cfg, sort_keys=False)).encode())
+                                   (header + yaml.safe_dump(best_cfg, sort_keys=False)).encode(), options)
     for line in table:
         log(line)
     finished = sum(t["status"] == "finished" for t in trials)

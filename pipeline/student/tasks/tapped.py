@@ -16,7 +16,7 @@ from pipeline.config import PRIMARY_TEACHER, LossConfig, ModelSpec
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
 from pipeline.models.taps import attach, capture, find_modules
-from pipeline.student.losses import LossInputs
+from pipeline.student.losses.classification import LossInputs
 
 # The cache's tap kinds each term can use.
 _TERM_TAP_KINDS = {"hint": ("feature", "embedding"), "attention": ("attention",), "rkd": ("embedding", "feature")}

@@ -7,15 +7,12 @@ Figures are `matplotlib.figure.Figure` objects rendered by Agg: no pyplot, no gl
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import os
 import re
 import statistics
 from datetime import datetime, timezone
-from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -23,18 +20,11 @@ from pipeline import storage
 from pipeline.cache.manifest import Manifest, TapRecord, read_manifest
 from pipeline.cache.schema import INPUT_IDS, LABEL, LENGTH, SAMPLE_ID, X
 from pipeline.errors import DistillError
-from pipeline.rundir import read_result
-FIGSIZE, DPI = (6.4, 3.6), 100
+from pipeline.report.html import CSS, DPI, FIGSIZE, fmt, img, row, section, table
+from pipeline.rundir import RunResult, read_result
+
 _SEED_SUFFIX = re.compile(r"-seed\d+$")
 _Caches = dict[str, "tuple[Manifest, dict[str, float]] | str"]  # cache URI -> (manifest, bytes per row) or why unreadable
-_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
-h1{font-size:22px}h2{font-size:17px;margin:28px 0 4px;border-bottom:1px solid #ddd}p.why{color:#555;margin:2px 0 10px}
-table{border-collapse:collapse;margin:8px 0}
-td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
-td.n{text-align:right;font-variant-numeric:tabular-nums}tr.teacher{background:#f4f4f4;font-style:italic}
-img{max-width:100%;display:block;margin:6px 0}.note{color:#a60}code{font-size:12px}"""
-
-
 def group_of(name: str) -> str:
     """Runs that differ only by a trailing `-seed<N>` are one student, reported as mean ± std."""
     return _SEED_SUFFIX.sub("", name)
@@ -51,30 +41,30 @@ def reliability(bins: dict[str, list[float]]) -> tuple[list[float], list[float],
     return [conf for conf, _, _ in kept], [acc for _, acc, _ in kept], ece
 
 
-def write_report(run_dirs: list[str], out_path: str | None = None) -> str:
+def write_report(run_dirs: list[str], out_path: str | None = None, options: storage.Options = None) -> str:
     """Write the report for these run directories; returns its path (default: beside the first run)."""
     if not run_dirs:
         raise DistillError("no run directories given", "pass one or more directories that `distill train` finished")
-    runs = [read_result(d) for d in run_dirs]
-    caches = _load_caches(runs)
+    runs = [read_result(d, options) for d in run_dirs]
+    caches = _load_caches(runs, options)
     sections = [_runs_table(runs, caches), _curves(runs), _accuracy_bars(runs), _calibration(runs), _cache_sections(caches)]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{_CSS}</style>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{CSS}</style>"
             f"</head><body><h1>Distillation report</h1><p class='why'>{len(runs)} runs, "
             f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>{''.join(sections)}</body></html>\n")
     if out_path is None:
         first = run_dirs[0].rstrip("/")
         parent = os.path.dirname(storage.local_path(first)) if storage.is_local(first) else first.rsplit("/", 1)[0]
         out_path = storage.join(parent, "report.html")
-    storage.write_bytes_atomic(out_path, page.encode())
+    storage.write_bytes_atomic(out_path, page.encode(), options)
     return out_path
 
 
-def _load_caches(runs: list[dict[str, Any]]) -> _Caches:
+def _load_caches(runs: list[RunResult], options: storage.Options) -> _Caches:
     """Each distinct cache once: its manifest and bytes per row, or why it cannot be read (deleted caches are normal)."""
     caches: _Caches = {}
-    for uri in dict.fromkeys(r.get("cache") for r in runs if r.get("cache")):
+    for uri in dict.fromkeys(r.cache for r in runs if r.cache):
         try:
-            manifest = read_manifest(uri)
+            manifest = read_manifest(uri, options)
             caches[uri] = manifest, manifest.bytes_per_row()
         except DistillError as e:
             caches[uri] = e.problem
@@ -83,90 +73,66 @@ def _load_caches(runs: list[dict[str, Any]]) -> _Caches:
     return caches
 
 
-def _section(title: str, why: str, body: str) -> str:
-    return f"<h2>{html.escape(title)}</h2><p class='why'>{html.escape(why)}</p>{body}"
-
-
-def _img(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def _short(uri: str) -> str:
     """The cache id (last path part of a cache URI) names the teacher in legends."""
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _row(cells: list[str], num_from: int, cls: str = "") -> str:
-    """A table row; cells from `num_from` on are numbers, right-aligned."""
-    tds = "".join(f"<td{' class=n' if i >= num_from else ''}>{html.escape(c)}</td>" for i, c in enumerate(cells))
-    return f"<tr class='{cls}'>{tds}</tr>"
-
-
-def _table(header: list[str], rows: list[str]) -> str:
-    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(rows) + "</table>"
-
-
-def _runs_table(runs: list[dict[str, Any]], caches: _Caches) -> str:
+def _runs_table(runs: list[RunResult], caches: _Caches) -> str:
     rows = []
     for r in runs:
-        m = r["metrics"]
-        terms = ", ".join(f"{k} {v:g}" for k, v in (r.get("loss_terms") or {}).items())
-        rows.append(_row([r["name"], str(r.get("student", "")), terms, str(r.get("seed", "")), str(r.get("epochs", "")),
-                          *(_fmt(m.get(k), ".4f") for k in ("val_accuracy", "val_agreement", "val_kl")),
-                          _fmt(r.get("wall_s"), ".1f")], num_from=3))
+        m = r.metrics
+        terms = ", ".join(f"{k} {v:g}" for k, v in r.loss_terms.items())
+        rows.append(row([r.name, r.student or "", terms, "" if r.seed is None else str(r.seed), f"{r.epochs:g}",
+                          *(fmt(m.get(k), ".4f") for k in ("val_accuracy", "val_agreement", "val_kl")),
+                          fmt(r.wall_s, ".1f")], num_from=3))
     for uri, acc in _teachers(runs).items():
         cache = caches.get(uri)
         factory = cache[0].teacher.factory if isinstance(cache, tuple) else ""
-        rows.append(_row([f"teacher ({_short(uri)})", str(factory), "", "", "", _fmt(acc, ".4f"), "", "", ""], 3, "teacher"))
+        rows.append(row([f"teacher ({_short(uri)})", str(factory), "", "", "", fmt(acc, ".4f"), "", "", ""], 3, "teacher"))
     header = ["run", "student", "loss terms", "seed", "epochs", "val accuracy", "agreement", "KL", "wall s"]
-    return _section("Runs", "Final validation metrics of each run; agreement: how often student and teacher pick the same class.",
-                    _table(header, rows))
+    return section("Runs", "Final validation metrics of each run; agreement: how often student and teacher pick the same class.",
+                    table(header, rows))
 
 
-def _teachers(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+def _teachers(runs: list[RunResult]) -> dict[str, float | None]:
     """Teacher validation accuracy per cache: the teacher is fixed by the cache, so every run on it agrees."""
-    return {r.get("cache", "?"): r["metrics"].get("teacher_val_accuracy") for r in runs}
+    return {r.cache or "?": r.metrics.get("teacher_val_accuracy") for r in runs}
 
 
-def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def _groups(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     """Runs by student (`group_of`), in the order given."""
-    return {g: [r for r in runs if group_of(r["name"]) == g] for g in dict.fromkeys(group_of(r["name"]) for r in runs)}
+    return {g: [r for r in runs if group_of(r.name) == g] for g in dict.fromkeys(group_of(r.name) for r in runs)}
 
 
-def _curves(runs: list[dict[str, Any]]) -> str:
+def _curves(runs: list[RunResult]) -> str:
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     for i, (group, members) in enumerate(_groups(runs).items()):
         for k, r in enumerate(members):
-            hist, label = r.get("history") or [], None if k else group  # seeds share a colour and one legend entry
+            hist, label = r.history, None if k else group  # seeds share a colour and one legend entry
             # Reports at checkpoint steps between evaluations have no val_accuracy: each curve keeps its points.
             for ax, key, lab in ((loss_ax, "train_loss", label), (acc_ax, "val_accuracy", None)):
                 points = [(h["epoch"], h[key]) for h in hist if h.get(key) is not None and h.get("epoch") is not None]
                 ax.plot([e for e, _ in points], [v for _, v in points], color=f"C{i % 10}", lw=1, label=lab)
     for j, acc in enumerate(sorted({a for a in _teachers(runs).values() if a is not None})):
         acc_ax.axhline(acc, color="k", ls="--", lw=0.8, label=None if j else "teacher")
-    losses = [h["train_loss"] for r in runs for h in r.get("history") or [] if h.get("train_loss") is not None]
+    losses = [h["train_loss"] for r in runs for h in r.history if h.get("train_loss") is not None]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 20:  # KD terms scale with T²: losses span decades
         loss_ax.set_yscale("log")
     loss_ax.set(title="train loss", xlabel="epoch")
     acc_ax.set(title="val accuracy", xlabel="epoch")
     fig.legend(loc="outside lower center", ncols=4, fontsize=8, frameon=False)
-    return _section("Training curves", "Train loss and validation accuracy per epoch, one line per run (seeds share a colour).",
-                    _img(fig))
+    return section("Training curves", "Train loss and validation accuracy per epoch, one line per run (seeds share a colour).",
+                    img(fig))
 
 
-def _mean_std(members: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    values = [r["metrics"].get(key) or 0.0 for r in members]
+def _mean_std(members: list[RunResult], key: str) -> tuple[float, float]:
+    values = [r.metrics.get(key) or 0.0 for r in members]
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _accuracy_bars(runs: list[dict[str, Any]]) -> str:
+def _accuracy_bars(runs: list[RunResult]) -> str:
     groups = _groups(runs)
     labels = [g if len(members) == 1 else f"{g}\n(n={len(members)})" for g, members in groups.items()]
     acc = [_mean_std(members, "val_accuracy") for members in groups.values()]
@@ -185,26 +151,26 @@ def _accuracy_bars(runs: list[dict[str, Any]]) -> str:
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_xticks(list(xs), labels, fontsize=8)
     fig.legend(loc="outside upper center", ncols=2, fontsize=8, frameon=False)
-    return _section("Accuracy and agreement", "Validation accuracy and teacher agreement per student (mean ± std over seeds) "
-                    "beside the teacher's accuracy.", _img(fig))
+    return section("Accuracy and agreement", "Validation accuracy and teacher agreement per student (mean ± std over seeds) "
+                    "beside the teacher's accuracy.", img(fig))
 
 
-def _calibration(runs: list[dict[str, Any]]) -> str:
+def _calibration(runs: list[RunResult]) -> str:
     why = "Reliability diagram: accuracy against confidence per bin; the diagonal is perfect calibration. ECE in the legend."
     students: dict[str, dict[str, list[float]]] = {}
     teachers: dict[str, dict[str, list[float]]] = {}
-    calibrated = [r for r in runs if r["metrics"].get("calibration")]
+    calibrated = [r for r in runs if r.metrics.get("calibration")]
     for r in calibrated:
-        cal = r["metrics"]["calibration"]
+        cal = r.metrics["calibration"]
         if cal.get("teacher"):
-            teachers.setdefault(r.get("cache", "?"), cal["teacher"])
-        pooled = students.setdefault(group_of(r["name"]), {k: [0.0] * len(v) for k, v in cal["student"].items()})
+            teachers.setdefault(r.cache or "?", cal["teacher"])
+        pooled = students.setdefault(group_of(r.name), {k: [0.0] * len(v) for k, v in cal["student"].items()})
         for key, values in cal["student"].items():  # bins are counts and sums: seeds pool by adding
             pooled[key] = [a + b for a, b in zip(pooled[key], values)]
-    missing = [r["name"] for r in runs if r not in calibrated]
+    missing = [r.name for r in runs if r not in calibrated]
     note = f"<p class='note'>No calibration recorded for: {html.escape(', '.join(missing))} (older runs).</p>" if missing else ""
     if not students:
-        return _section("Calibration", why, note)
+        return section("Calibration", why, note)
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
@@ -217,7 +183,7 @@ def _calibration(runs: list[dict[str, Any]]) -> str:
         ax.plot(conf, acc, "s--", ms=3, lw=1, color="k", label=f"teacher {_short(uri)[:8]} (ECE {ece:.3f})")
     ax.set(xlabel="mean confidence in bin", ylabel="accuracy in bin", xlim=(0, 1), ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="upper left")
-    return _section("Calibration", why, _img(fig) + note)
+    return section("Calibration", why, img(fig) + note)
 
 
 def _roles(manifest: Manifest) -> dict[str, str]:
@@ -245,8 +211,8 @@ def _cache_sections(caches: _Caches) -> str:
         ax.set_xlabel("compressed bytes per row")
         ax.margins(x=0.15)
         roles = _roles(manifest)
-        rows = [_row([name, roles.get(name, ""), manifest.columns.get(name, ""), f"{b:.1f}"], 3) for name, b in per_row.items()]
+        rows = [row([name, roles.get(name, ""), manifest.columns.get(name, ""), f"{b:.1f}"], 3) for name, b in per_row.items()]
         summary = f"<p>{manifest.rows:,} rows, {manifest.bytes / 1e6:.2f} MB in {len(manifest.shards)} shards.</p>"
-        parts.append(title + summary + _img(fig) + _table(["column", "role", "type", "bytes/row"], rows))
-    return _section("Cache size", "Compressed Parquet bytes per row of each column, as the manifest records them: "
+        parts.append(title + summary + img(fig) + table(["column", "role", "type", "bytes/row"], rows))
+    return section("Cache size", "Compressed Parquet bytes per row of each column, as the manifest records them: "
                     "what each teacher output costs to keep.", "".join(parts))

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.student.divergence import kl_divergence, softened_log_probs
+from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 
 _UINT8_SENTINEL = 255  # a quantised offset that was clipped: that token's mass belongs to the rest bucket
 

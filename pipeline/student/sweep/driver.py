@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray.tune
-from ray.tune import Callback
 
 from pipeline import storage
-from pipeline.config.sweep import SweepConfig, apply_point, point_label
+from pipeline.config.sweep import SweepConfig, apply_point
 from pipeline.errors import DistillError
-from pipeline.runtime import TUNE_NEW_OUTPUT_ENV, ensure_ray, verbose
-from pipeline.student.checks import check_student, open_cache, resolve_cache_uri
-from pipeline.student.datasets import plan, units_per_row
-from pipeline.student.stream import ShardReader
-from pipeline.student.sweep_results import collect, write_outputs
-from pipeline.student.trial import POINT, direct_trial, train_trial, values_of
+from pipeline.runtime import TUNE_NEW_OUTPUT_ENV, ensure_ray, root_cause, verbose
+from pipeline.student.prelude import check_student, prepare
+from pipeline.student.sweep.progress import Progress
+from pipeline.student.sweep.results import collect, write_outputs
+from pipeline.student.sweep.trial import POINT, SweepContext, direct_trial, train_trial
+from pipeline.student.train.plan import CachePlan, Preloaded, plan, slim, units_per_row
 
 Log = Callable[[str], None]
 TRAIN_TRIAL_CPU = 0.01
@@ -56,14 +55,17 @@ def trial_mode(cfg: SweepConfig, workers: set[int]) -> str:
     return "direct" if workers == {1} else "train"
 
 
-def materialise(cache_uri: str, data: dict[str, Any], tasks: list, log: Log) -> dict[str, list[dict[str, Any]]]:
+def materialise(cache: CachePlan, tasks: list, log: Log) -> Preloaded:
     """Every shard decoded once, with the columns any trial reads: Tune puts this in the object store
     once and each trial maps the same arrays instead of reading the cache again."""
     columns = list(dict.fromkeys(c for t in tasks for c in t.columns()))
     dtypes = {c: dt for t in tasks for c, dt in t.dtypes().items()}
-    out, started = {}, time.time()
-    for split, shards in data["shards"].items():
-        reader = ShardReader(cache_uri, [p for p, _ in shards], columns, dtypes)
+    out: Preloaded = {}
+    started = time.time()
+    for split, shards in cache.shards.items():
+        reader = cache.reader(split, columns, dtypes)
+        if reader is None:
+            continue
         try:
             out[split] = [{c: t.numpy() for c, t in reader.get(i).items()} for i in range(len(shards))]
         finally:
@@ -76,38 +78,33 @@ def materialise(cache_uri: str, data: dict[str, Any], tasks: list, log: Log) -> 
 def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = False, overwrite: bool = False,
               log: Log = print) -> SweepResult:
     """Run (or, with `resume`, finish) the sweep; returns its trials sorted by the metric."""
-    base = cfg.train
-    storage.configure(**base.storage.model_dump())
-    storage.check_reachable(cfg.storage_path, "sweep storage path")
+    base, options = cfg.train, cfg.train.storage
+    ready = prepare(base, "sweep storage path")
+    cache_uri, manifest, task = ready.cache_uri, ready.manifest, ready.task
     sweep_dir = sweep_dir_of(cfg)
-    cache_uri = resolve_cache_uri(base)
-    if storage.is_local(cache_uri):
-        cache_uri = storage.local_path(cache_uri)
-    storage.check_reachable(cache_uri, "cache")
-    manifest, task = open_cache(base, cache_uri)
     base_json = base.model_dump(mode="json")
     points = cfg.points()
     trial_cfgs = [base.model_validate({**apply_point(base_json, p), "name": "check"}) for p in points]
     tasks = [check_student(c, manifest) for c in trial_cfgs]
     mode = trial_mode(cfg, {c.num_workers for c in trial_cfgs})
     if resume:
-        if not storage.exists(storage.join(sweep_dir, TUNER_FILE)):
+        if not storage.exists(storage.join(sweep_dir, TUNER_FILE), options):
             raise DistillError(f"no sweep to resume at {sweep_dir}", "start it without --resume")
-    elif storage.exists(sweep_dir):
+    elif storage.exists(sweep_dir, options):
         if not overwrite:
             raise DistillError(f"sweep folder {sweep_dir} already exists",
                                "finish it with --resume, pick another name (--set name=...) or pass --overwrite")
-        storage.remove_tree(sweep_dir)
+        storage.remove_tree(sweep_dir, options)
     if not verbose():  # Tune's own console output (experiment box, tables); ours is one line per trial event
         os.environ.setdefault(TUNE_NEW_OUTPUT_ENV, "0")
     # How stale the experiment state on storage may be when the driver dies (Tune's default: >= 10 s).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_EVERY_S))
     ensure_ray(address)
-    data = plan(cache_uri, manifest, task, base.in_memory, max(c.num_workers for c in trial_cfgs), log)
-    shared = materialise(cache_uri, data, tasks, log) if data["in_memory"] and mode == "direct" else None
-    context = {"base": base_json, "data": data, "trials_path": storage.join(sweep_dir, TRIALS_DIR),
-               "units_per_row": units_per_row(cache_uri, manifest, task) if any(c.max_tokens for c in trial_cfgs) else None,
-               "manifest": manifest.model_copy(update={"shards": [], "config": {}}).model_dump(mode="json")}
+    cache = plan(cache_uri, manifest, task, base.in_memory, max(c.num_workers for c in trial_cfgs), log, options)
+    shared = materialise(cache, tasks, log) if cache.in_memory and mode == "direct" else None
+    context = SweepContext(base=base_json, manifest=slim(manifest), cache=cache,
+                           trials_path=storage.join(sweep_dir, TRIALS_DIR),
+                           units_per_row=units_per_row(cache, task) if any(c.max_tokens for c in trial_cfgs) else None)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(direct_trial if mode == "direct" else train_trial,
                                                                  context=context, shared=shared),
                                         _resources(mode, base_json))
@@ -117,7 +114,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = Fa
         f"({mode} trials{', ASHA early stopping' if cfg.scheduler else ''}) -> {sweep_dir}")
     started = time.time()
     if resume:
-        fs, path = (None, sweep_dir) if storage.is_local(sweep_dir) else storage.arrow_filesystem(sweep_dir)
+        fs, path = (None, sweep_dir) if storage.is_local(sweep_dir) else storage.arrow_filesystem(sweep_dir, options)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
                                        param_space=param_space, storage_filesystem=fs)
     else:
@@ -126,8 +123,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: bool = Fa
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune wraps what went wrong; show the cause
-        raise DistillError(f"sweep {cfg.name} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
-                           "see the trial tracebacks above") from None
+        raise DistillError(f"sweep {cfg.name} failed: {root_cause(e)}", "see the trial tracebacks above") from None
     trials = collect(cfg, grid, context, manifest, cache_uri, mode, log)
     best = write_outputs(cfg, sweep_dir, trials, time.time() - started, mode, cache_uri, log)
     return SweepResult(sweep_dir=sweep_dir, trials=trials, best=best)
@@ -168,61 +164,8 @@ def _run_config(cfg: SweepConfig, sweep_dir: str, total: int, log: Log):
     if storage.is_local(sweep_dir):
         root, fs = storage.local_path(cfg.storage_path), None
     else:
-        fs, root = storage.arrow_filesystem(cfg.storage_path)
+        fs, root = storage.arrow_filesystem(cfg.storage_path, cfg.train.storage)
     return ray.tune.RunConfig(
         name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=[Progress(cfg, total, log)],
         verbose=None if verbose() else 0, failure_config=ray.tune.FailureConfig(max_failures=cfg.train.max_failures),
     )
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-class Progress(Callback):
-    """One line when a trial starts, at most one per trial every 10 s while it trains, one when it ends."""
-
-    def __init__(self, cfg: SweepConfig, total: int, log: Log) -> None:
-        self.cfg, self.total, self.log = cfg, total, log
-        self.index: dict[str, int] = {}
-        self.last: dict[str, float] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment (what --resume restores). The caller's `log`
-        # need not pickle: after a Ray Train run in the same process, `print` itself is Ray's
-        # replacement, which pickle refuses. A restored sweep prints.
-        return {**self.__dict__, "log": _say}
-
-    def _name(self, trial) -> str:
-        n = self.index.setdefault(trial.trial_id, len(self.index) + 1)
-        return f"trial {n}/{self.total} {trial.trial_id}"
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.log(f"{self._name(trial)} started: {point_label(values_of(trial.config))}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        now = time.monotonic()
-        if now - self.last.get(trial.trial_id, -1e9) >= 10.0:
-            self.last[trial.trial_id] = now
-            self.log(f"{self._name(trial)}: epoch {result.get('epoch', 0):g}  {self.cfg.metric} "
-                     f"{result.get(self.cfg.metric, float('nan')):.4f}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        epochs = self.cfg.train.epochs
-        stopped = " (stopped early)" if self.cfg.scheduler and last.get("epoch", epochs) < epochs else ""
-        self.log(f"{self._name(trial)} done at epoch {last.get('epoch', 0):g}{stopped}: {self.cfg.metric} "
-                 f"{last.get(self.cfg.metric, float('nan')):.4f}")
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.log(f"{self._name(trial)} FAILED: see its traceback above ({trial.path})")
-
-
-if __name__ == "__main__":  # the Ray Job entrypoint of `distill submit sweep`: a resubmitted sweep finishes where it stopped
-    import sys
-
-    from pipeline.config.sweep import load_sweep_config
-    from pipeline.entrypoint import run_entrypoint
-
-    sys.exit(run_entrypoint("sweep", SweepConfig, lambda cfg, args: run_sweep(
-        cfg, resume=storage.exists(storage.join(sweep_dir_of(cfg), TUNER_FILE))), load=load_sweep_config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from urllib.parse import urlparse
 
 from pipeline.errors import DistillError
@@ -128,12 +129,27 @@ def configure_data_context() -> None:
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
+def quiet_stopped_process() -> None:
+    """Ray ends a stopped actor (an early-stopped trial, a worker group shut down) with SystemExit,
+    which can land inside a garbage-collector callback; Python then prints it as "Exception ignored
+    in ... Traceback ... SystemExit" on the user's console. That is the process doing as told: only
+    that is dropped, any other error in a callback still prints."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def quiet_train_worker() -> None:
     """In a Train worker: Ray Train V2 logs every `report()` with its whole metrics dict at INFO
     (calibration bins included), and Ray Data a line per epoch's dataset execution; our epoch line
     says it in one line."""
     if verbose():
         return
+    quiet_stopped_process()
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     try:
         from ray.train.v2._internal.execution import context

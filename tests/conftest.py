@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +13,9 @@ import yaml
 from pipeline.cache.manifest import Manifest, ShardEntry, write_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
 from pipeline.cache.shards import inspect_shard
+from tests.raycluster import RAY_TEST_ENV
+
+os.environ.update(RAY_TEST_ENV)  # before any Ray starts: its workers inherit it
 
 DIGITS_PRECOMPUTE = "jobs/configs/digits/precompute.yaml"
 DIGITS_KD = "jobs/configs/digits/train-kd.yaml"

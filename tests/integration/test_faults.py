@@ -28,7 +28,7 @@ def _train_yaml(digits_stage1, tmp_path, name, epochs, **extra):
 
 # Every mechanism of a long run at once: sharded student, bf16 autocast, accumulation, clipping,
 # warmup + cosine decay, a step budget ending mid-epoch, checkpoints every 7 of the 22 steps of an epoch.
-AT_SCALE = {"parallel": "fsdp", "precision": "bf16", "grad_accum_steps": 2, "max_steps": 200,
+AT_SCALE = {"parallel": "fsdp", "precision": "bf16", "grad_accum_steps": 2, "max_steps": 120,
             "checkpoint_every": 7, "eval_every": 50, "num_workers": 2,
             "optimizer": {"name": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 20, "grad_clip": 1.0}}
 
@@ -66,11 +66,11 @@ def test_killed_worker_resumes_mid_epoch_to_the_same_bits(digits_stage1, tmp_pat
     straight = json.loads((tmp_path / "runs" / "straight" / "result.json").read_text())
     resumed = [h["resumed_from_step"] for h in killed["history"] if h["resumed_from_step"]]
     assert resumed and resumed[0] % 7 == 0 and resumed[0] % 22, "a restart from a mid-epoch step checkpoint"
-    assert killed["steps"] == straight["steps"] == 200
+    assert killed["steps"] == straight["steps"] == 120
     a = torch.load(run_dir / "student.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "straight" / "student.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert killed["metrics"]["val_accuracy"] == straight["metrics"]["val_accuracy"] > 0.8
+    assert killed["metrics"]["val_accuracy"] == straight["metrics"]["val_accuracy"] > 0.7
     # FSDP: each of the two workers holds half the parameters and half the optimizer state.
     full = sum(v.numel() * 4 for v in b.values())
     assert killed["memory_per_worker"]["param_bytes"] == pytest.approx(full / 2, rel=0.02)
@@ -129,18 +129,18 @@ def test_sharded_run_resumes_on_another_worker_count_and_skips_half_written_chec
     assert result["metrics"]["val_accuracy"] > result["history"][0]["val_accuracy"] - 0.05
 
 
-def _heavy_precompute_yaml(tmp_path):
-    """A teacher slow enough here (about 20 s for 5,000 rows) that a run can be interrupted."""
+def _heavy_precompute_yaml(tmp_path, width=128):
+    """A teacher slow enough here (about 20 s for 5,000 rows at width 128, a third of that at 64) that a run can be interrupted."""
     import torch
 
     from pipeline.models.builtin import heavy_cnn
     from pipeline.models.factory import save_state
 
     torch.manual_seed(0)
-    save_state(heavy_cnn(width=128), str(tmp_path / "heavy.pt"))
+    save_state(heavy_cnn(width=width), str(tmp_path / "heavy.pt"))
     return write_yaml(tmp_path / "pre.yaml", {
         "source": {"kind": "mnist"}, "cache_root": str(tmp_path / "cache"), "batch_size": 128,
-        "teacher": {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": 128},
+        "teacher": {"factory": "pipeline.models.builtin:heavy_cnn", "kwargs": {"width": width},
                     "weights": str(tmp_path / "heavy.pt")}})
 
 
@@ -170,7 +170,7 @@ def test_killed_precompute_driver_resumes_without_loss_or_duplicates(ray_session
     from pipeline.config import load_precompute_config
     from pipeline.teacher.precompute import run_precompute
 
-    path = _heavy_precompute_yaml(tmp_path)
+    path = _heavy_precompute_yaml(tmp_path, width=64)
     uri = resolve_target(load_precompute_config(path)).uri
     proc = _driver(path)
     from pipeline.teacher.resume import committed_rows
@@ -209,7 +209,7 @@ def test_two_precomputes_of_one_cache_at_once(ray_session, tmp_path):
     from pipeline.config import load_precompute_config
     from pipeline.teacher.precompute import run_precompute
 
-    path = _heavy_precompute_yaml(tmp_path)
+    path = _heavy_precompute_yaml(tmp_path, width=64)
     uri = resolve_target(load_precompute_config(path)).uri
     other = _driver(path)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.cache.manifest import Manifest
 from pipeline.config.sweep import trial_config
 from pipeline.config.train import TrainConfig
-from pipeline.runtime import verbose
+from pipeline.runtime import quiet_stopped_process, verbose
 from pipeline.student.train.plan import CachePlan, Preloaded, WorkerPlan, step_budget
 
 POINT = "point"  # the param_space key of a trial's grid point; random fields are top-level keys
@@ -63,6 +63,7 @@ def direct_trial(config: dict[str, Any], context: SweepContext, shared: Preloade
             logging.getLogger(name).setLevel(logging.WARNING)
         # DCP saves and loads one process's state without a process group, and says so every time.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        quiet_stopped_process()  # ASHA stops trials: their exit is no error
     cfg = config_of(config, context)
     run_loop(planned(cfg, context, shared), TuneSession())
 

@@ -117,6 +117,11 @@ class TrainConfig(Strict):
     # Keep the decoded shards in each worker after their first read instead of streaming them again
     # every epoch. auto: when a worker's share of both splits is small (see docs/methods.md).
     in_memory: bool | Literal["auto"] = "auto"
+    # A node-local directory where workers keep the shards they stream from an object store: each
+    # worker reads the same shards every epoch, so later epochs read local disk, not the bucket
+    # again. At most `local_cache_gb` per node (least recently used shards dropped). Off by default.
+    local_cache: str | None = None
+    local_cache_gb: float = Field(50.0, gt=0)
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before the run fails
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import DIGITS_KD, DIGITS_PRECOMPUTE, write_yaml
-from tests.s3server import moto_s3
+from deploy.local.s3 import moto_s3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

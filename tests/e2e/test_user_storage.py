@@ -10,7 +10,7 @@ import yaml
 
 from tests.cli import distill
 from tests.conftest import DIGITS_PRECOMPUTE
-from tests.s3server import FlakyProxy, moto_s3
+from deploy.local.s3 import S3Proxy, moto_s3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -88,7 +88,7 @@ def test_a_location_that_cannot_be_used_is_one_line(made, case):
         ran = distill("cache", "show", "s3://nosuchbucket/cache/x", "--endpoint-url", made["endpoint"])
         assert "bucket 'nosuchbucket'" in ran.one_line_error() and "does not exist" in ran.err
     else:
-        proxy = FlakyProxy(made["endpoint"], lambda method, path, n: (403, "AccessDenied"))
+        proxy = S3Proxy(made["endpoint"], lambda method, path, n: (403, "AccessDenied"))
         try:
             ran = distill("train", "--resume", "s3://distill/runs/s3-run", "--endpoint-url", proxy.endpoint)
         finally:

@@ -13,7 +13,7 @@ def ray_session():
     import ray
 
     from pipeline.runtime import ensure_ray
-    from tests.s3server import set_fake_credentials
+    from deploy.local.s3 import set_fake_credentials
 
     set_fake_credentials()  # before Ray starts, so its workers inherit them, as on a real cluster
     ensure_ray()

@@ -10,7 +10,7 @@ import yaml
 from pipeline import storage
 from pipeline.cli import main
 from tests.conftest import DIGITS_KD, write_yaml
-from tests.s3server import moto_s3
+from deploy.local.s3 import S3Proxy, moto_s3
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -41,12 +41,24 @@ def test_both_stages_on_s3(digits_stage1, s3, tmp_path, capsys):
     assert main(["precompute", pre_path]) == 0
     assert "cache hit: s3://distill/cache/" in capsys.readouterr().out
 
+    # Two workers stream the cache through a proxy that counts what the bucket serves; each keeps the
+    # shards it read in a node-local directory for the second epoch.
+    proxy = S3Proxy(endpoint)
     train = yaml.safe_load(open(DIGITS_KD))
-    train.update(precompute=pre_path, storage_path="s3://distill/runs", storage={"endpoint_url": endpoint},
-                 name="s3-kd", epochs=2, in_memory=False)  # streamed from S3 in every epoch
+    train.update(precompute=pre_path, storage_path="s3://distill/runs", storage={"endpoint_url": proxy.endpoint},
+                 name="s3-kd", epochs=2, num_workers=2, in_memory=False, local_cache=str(tmp_path / "node-cache"))
     capsys.readouterr()
-    assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
-    assert "object store" not in capsys.readouterr().out
+    try:
+        assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
+    finally:
+        proxy.close()
+    out = capsys.readouterr().out
+    assert "object store" not in out and "keeping streamed shards in" in out
+    train_bytes = sum(s["bytes"] for s in manifest["shards"] if s["split"] == "train")
+    served = sum(n for path, n in proxy.served.items() if "/split=train/" in path)
+    # Each train byte served once in two epochs: one worker per shard, and the second epoch from disk.
+    assert 0.5 * train_bytes < served <= 1.05 * train_bytes, (served, train_bytes)
+    assert len(list((tmp_path / "node-cache").rglob("*.parquet"))) == len(manifest["shards"])  # val shards too
     result = json.loads(fs.cat("distill/runs/s3-kd/result.json"))
     assert result["epochs"] == 2 and result["cache"].startswith("s3://distill/cache/")
     assert result["checkpoint"].startswith("s3://distill/runs/s3-kd/checkpoint_")
@@ -88,7 +100,6 @@ def test_missing_bucket_and_credentials_are_one_line(digits_stage1, s3, tmp_path
 def test_transient_s3_errors_are_retried_without_losing_or_duplicating_rows(digits_stage1, s3, tmp_path):
     """Every 4th request to the bucket is throttled (503 SlowDown), every 9th dropped without an answer."""
     from pipeline.cache.verify import verify_cache
-    from tests.s3server import FlakyProxy
 
     endpoint, fs = s3
 
@@ -97,7 +108,7 @@ def test_transient_s3_errors_are_retried_without_losing_or_duplicating_rows(digi
             return "drop"
         return (503, "SlowDown") if n % 4 == 0 else None
 
-    proxy = FlakyProxy(endpoint, fail)
+    proxy = S3Proxy(endpoint, fail)
     try:
         fs.put(str(digits_stage1["root"] / "teacher.pt"), "distill/teachers/digits.pt")
         pre = yaml.safe_load(open(digits_stage1["config_path"]))
@@ -123,10 +134,9 @@ def test_transient_s3_errors_are_retried_without_losing_or_duplicating_rows(digi
 
 
 def test_permanent_s3_error_stops_clearly_and_publishes_nothing(digits_stage1, s3, tmp_path, capsys):
-    from tests.s3server import FlakyProxy
 
     endpoint, fs = s3
-    proxy = FlakyProxy(endpoint, lambda method, path, n: (403, "AccessDenied")
+    proxy = S3Proxy(endpoint, lambda method, path, n: (403, "AccessDenied")
                        if method in ("PUT", "POST") and "/denied/" in path else None)
     try:
         fs.put(str(digits_stage1["root"] / "teacher.pt"), "distill/teachers/digits.pt")

@@ -92,7 +92,7 @@ def test_train_two_workers_from_cache(digits_stage1, tmp_path, capsys):
     assert main(["train", path]) == 0
     # A cache this small is kept decoded in each worker, not streamed again every epoch.
     out = capsys.readouterr().out
-    assert "keeping the cache in each worker" in out, out
+    assert "keeping the cache in the workers" in out, out
     run_dir = tmp_path / "runs" / "kd-test"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["metrics"]["val_accuracy"] >= 0.9, result["metrics"]
@@ -110,6 +110,15 @@ def test_train_two_workers_from_cache(digits_stage1, tmp_path, capsys):
     assert result["throughput"]["samples_per_s"] > 0
     # Each epoch says how long the worker waited for batches: part of, never more than, its train time.
     assert all(0 <= h["data_wait_seconds"] <= h["train_seconds"] for h in result["history"])
+    # Each worker evaluated one of the two val shards, the sums all-reduced: the metrics are those of
+    # one process evaluating the whole val split with the same student.
+    from pipeline.student.evaluate import evaluate_run
+
+    alone = evaluate_run(str(run_dir), result["cache"], "val")["metrics"]
+    final = result["history"][-1]
+    assert final["val_rows"] == alone["val_rows"] > 300
+    for k in ("val_accuracy", "val_agreement", "val_kl", "val_nll", "teacher_val_accuracy"):
+        assert final[k] == pytest.approx(alone[k], rel=1e-6), k
 
 
 def test_float32_logits_on_request_make_another_cache(digits_stage1):

@@ -103,3 +103,41 @@ def test_weights_round_trip_through_any_fsspec_uri():
 
     with pytest.raises(DistillError, match="do not fit the model"):
         load_state(mlp((1, 8, 8), 10, hidden=(9,)), "memory://weights/student.pt")
+
+
+def _summed_with(other):
+    """A stand-in for the all-reduce: this worker's sums plus another's."""
+    return lambda sums: {k: sums.get(k, 0.0) + other.get(k, 0.0) for k in {**sums, **other}}
+
+
+def _sums(task, model, batches):
+    """One worker's additive evaluation sums, as it hands them to the all-reduce."""
+    out = {}
+
+    def keep(sums):
+        out.update(sums)
+        return sums
+
+    task.evaluate(model, batches, reduce=keep)
+    return out
+
+
+def test_evaluation_split_over_workers_equals_one_workers():
+    """Each worker evaluates its val shards; the sums, calibration bins included, are added before
+    dividing: the metrics of two workers (or of one with no rows) equal one worker's of the split."""
+    torch.manual_seed(0)
+    data = _batches()
+    student = mlp((1, 8, 8), 10, hidden=(32,))
+    task = in_memory_task({"kd": 0.7, "ce": 0.3}, 4.0)
+    alone = task.evaluate(student, data)
+    split = task.evaluate(student, data[3:], reduce=_summed_with(_sums(task, student, data[:3])))
+    empty = task.evaluate(student, [], reduce=_summed_with(_sums(task, student, data)))
+    for metrics in (split, empty):
+        assert metrics["val_rows"] == alone["val_rows"] == 256
+        for k in ("val_accuracy", "val_agreement", "val_kl", "val_nll", "teacher_val_accuracy"):
+            assert metrics[k] == pytest.approx(alone[k], rel=1e-12), k
+        for who in ("student", "teacher"):
+            assert metrics["calibration"][who]["count"] == alone["calibration"][who]["count"]
+            for k, v in alone["calibration"][who].items():
+                assert metrics["calibration"][who][k] == pytest.approx(v, rel=1e-12), (who, k)
+    assert task.evaluate(student, data[3:])["val_rows"] == 256 - 96  # without the reduce: its share only

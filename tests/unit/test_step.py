@@ -90,3 +90,22 @@ def test_as_float_casts_half_outputs_and_leaves_the_rest():
     out = as_float({"logits": torch.ones(2, dtype=torch.bfloat16), "ids": torch.ones(2, dtype=torch.long),
                     "hints": {"h": torch.ones(1, dtype=torch.float16)}})
     assert out["logits"].dtype == torch.float32 and out["ids"].dtype == torch.long and out["hints"]["h"].dtype == torch.float32
+
+
+def test_scaled_unequal_worker_parts_make_the_step_of_the_global_batch():
+    """Lanes give workers unequal parts of a step: each loss scaled by rows x workers / batch, the
+    workers' mean gradient (DDP's all-reduce) is the global batch's."""
+    task, model = _setup()
+    batch = _batch(12)
+    parts = [{k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}]
+    whole = copy.deepcopy(model)
+    train_step(whole, [batch], task, torch.optim.SGD(whole.parameters(), lr=0.5))
+    workers = [copy.deepcopy(model) for _ in parts]
+    for w, part in zip(workers, parts):
+        train_step(w, [part], task, torch.optim.SGD(w.parameters(), lr=0.5), scale=len(part[X]) * 2 / 12)
+    for p, a, b in zip(whole.parameters(), *(w.parameters() for w in workers)):
+        assert torch.allclose(p, (a + b) / 2, atol=1e-6)  # SGD is linear in the gradient: the mean of the steps
+    unscaled = [copy.deepcopy(model) for _ in parts]
+    for w, part in zip(unscaled, parts):
+        train_step(w, [part], task, torch.optim.SGD(w.parameters(), lr=0.5))
+    assert not all(torch.allclose(p, (a + b) / 2, atol=1e-6) for p, a, b in zip(whole.parameters(), *(w.parameters() for w in unscaled)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.cache.schema import LABEL, X
-from pipeline.student.train.order import Order, micro_slices
+from pipeline.student.train.order import Order, deal, lanes_for, micro_slices
 from pipeline.student.train.reader import ShardReader, in_order, train_batches
 
 SHARD_ROWS = (7, 13, 5, 11)
@@ -115,3 +115,81 @@ def test_evaluation_reads_every_row_in_file_order(tmp_path):
 def test_micro_slices_are_contiguous_near_equal_and_never_empty():
     assert micro_slices(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
     assert micro_slices(2, 4) == [slice(0, 1), slice(1, 2)]
+
+
+LANE_ROWS = (7, 13, 5, 11, 9, 6, 12, 8)  # 71 rows in 8 shards
+
+
+def _lane_shards(order, lane):
+    return {s for s in range(len(order.shard_rows)) if order.lane_of[s] == lane}
+
+
+def test_shards_are_dealt_to_lanes_balanced_by_rows():
+    assert deal((5, 5, 5, 5), 2).tolist() == [0, 1, 0, 1]
+    for lanes in (2, 3, 4):
+        order = Order(LANE_ROWS, batch_size=8, seed=0, lanes=lanes)
+        assert sorted(set(order.lane_of.tolist())) == list(range(lanes))
+        assert order.lane_rows.sum() == sum(LANE_ROWS) and np.ptp(order.lane_rows) <= max(LANE_ROWS)
+        # Each step holds B rows, each lane in step with its size, and every lane ends with the epoch.
+        steps = np.diff(order.counts, axis=0)
+        assert (steps.sum(axis=1) == 8).all()
+        assert (np.abs(order.counts[-1] - order.lane_rows * order.steps_per_epoch * 8 / sum(LANE_ROWS)) <= 1).all()
+
+
+@pytest.mark.parametrize("lanes", [2, 4])
+def test_with_one_worker_per_lane_each_row_is_read_by_one_worker(tmp_path, lanes):
+    rows_of_shard = np.split(np.arange(sum(LANE_ROWS)), np.cumsum(LANE_ROWS)[:-1])
+    order = Order(LANE_ROWS, batch_size=8, seed=5, window=2, lanes=lanes)
+    readers = [ShardReader(str(tmp_path), _shards(tmp_path, LANE_ROWS), [LABEL, X], {LABEL: torch.int64, X: torch.float32})
+               for _ in range(lanes)]
+    for epoch in range(2):
+        parts = [_ids(readers[r], order, epoch, 0, order.steps_per_epoch, r, lanes) for r in range(lanes)]
+        if epoch == 0:
+            assert sum(r.reads for r in readers) == len(LANE_ROWS)  # the workers together read each shard once
+        seen = [i for p in parts for step in p for i in step]
+        assert len(seen) == len(set(seen)) == order.steps_per_epoch * 8  # every row once (the tail dropped)
+        for r in range(lanes):
+            mine = {int(i) for s in _lane_shards(order, r) for i in rows_of_shard[s]}
+            assert {i for step in parts[r] for i in step} <= mine  # only its own lane's rows
+            assert all(step for step in parts[r])  # a share of every step
+    # Streaming: at most once per epoch (a window still held at an epoch's end may serve the next).
+    assert sum(r.reads for r in readers) <= 2 * len(LANE_ROWS)
+
+
+def test_the_lanes_order_is_the_same_rows_on_any_number_of_workers(tmp_path):
+    order = Order(LANE_ROWS, batch_size=8, seed=1, window=3, lanes=2)
+    reader = ShardReader(str(tmp_path), _shards(tmp_path, LANE_ROWS), [LABEL, X], {LABEL: torch.int64, X: torch.float32})
+    steps = order.steps_per_epoch
+    two = [_ids(reader, order, 1, 0, steps, r, 2) for r in range(2)]
+    step_rows = [sorted(two[0][s] + two[1][s]) for s in range(steps)]
+    for world in (1, 3, 4):  # a run of 2 lanes resumed at step 3 on another worker count
+        parts = [_ids(reader, order, 1, 3, steps, r, world) for r in range(world)]
+        assert [sorted(sum((p[s] for p in parts), [])) for s in range(steps - 3)] == step_rows[3:]
+    assert order.fewest_rows(2) >= 1 and order.fewest_rows(10) == 0  # 10 workers: some without a row
+
+
+def test_a_lane_of_sorted_shards_still_mixes_every_global_batch(tmp_path):
+    starts = np.cumsum((0,) + LANE_ROWS)
+    order = Order(LANE_ROWS, batch_size=8, seed=0, window=4, lanes=2)
+    reader = ShardReader(str(tmp_path), _shards(tmp_path, LANE_ROWS), [LABEL, X], {LABEL: torch.int64, X: torch.float32})
+    parts = [_ids(reader, order, 0, 0, order.steps_per_epoch, r, 2) for r in range(2)]
+    shards_per_batch = [len({int(np.searchsorted(starts, i, side="right")) for i in a + b}) for a, b in zip(*parts)]
+    assert min(shards_per_batch) >= 2 and np.mean(shards_per_batch) > 3
+
+
+def test_one_lane_is_the_order_every_worker_split_before():
+    order = Order(SHARD_ROWS, batch_size=6, seed=0)
+    for step in range(order.steps_per_epoch):
+        for world in (1, 2, 3):
+            for rank in range(world):
+                [(lane, lo, hi)] = order.parts(step, rank, world)
+                assert (lane, lo, hi) == (0, step * 6 + rank * 6 // world, step * 6 + (rank + 1) * 6 // world)
+
+
+def test_lanes_follow_the_workers_where_the_shards_allow():
+    assert lanes_for(LANE_ROWS, 8, 0, world=1) == 1
+    assert lanes_for(LANE_ROWS, 8, 0, world=2) == 2
+    assert lanes_for(LANE_ROWS, 8, 0, world=4) == 4
+    assert lanes_for((100, 1), 8, 0, world=2) == 1  # a lane of 1 row would leave a worker without rows
+    assert lanes_for(LANE_ROWS, 8, 0, world=2, min_rows=5) == 1  # 2 micro-batches need rows for each
+    assert lanes_for((50,), 8, 0, world=4) == 1

@@ -10,7 +10,7 @@ manifest's `task` to an implementation. Pure PyTorch: no Ray here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,12 @@ from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 
 Batch = Mapping[str, torch.Tensor]
+# Sums over every worker's share of the val split (an all-reduce in Ray Train; identity alone).
+Reduce = Callable[[dict[str, float]], dict[str, float]]
+
+
+def alone(sums: dict[str, float]) -> dict[str, float]:
+    return sums
 
 
 class Task(ABC):
@@ -61,8 +67,9 @@ class Task(ABC):
         """{"loss": the weighted sum, and each weighted term by name}, all scalars."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
-        """Validation metrics over these batches (a worker's share of the val split)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
+        """Validation metrics of the whole split: additive sums over these batches (a worker's share
+        of it), passed through `reduce` (summed over workers), then divided."""
 
     def units(self, batch: Batch) -> torch.Tensor:
         """How many `unit`s a batch trains on (a tensor: counted without a device sync)."""

@@ -18,7 +18,7 @@ from pipeline.models.factory import output_width
 from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 from pipeline.student.losses.classification import DistillationLoss
 from pipeline.student.tasks.tapped import build_student, loss_inputs
-from pipeline.student.tasks.base import Batch, Task
+from pipeline.student.tasks.base import Batch, Reduce, Task, alone
 
 CALIBRATION_BINS = 10
 
@@ -85,10 +85,10 @@ class ClassificationTask(Task):
         return getattr(model, "net", model)  # the user's network without the hooks and adapters
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
         """Accuracy, top-1 agreement with the teacher, mean KL(p_teacher(T) || p_student(T)), and the
         calibration bins of student and teacher (see calibration_sums)."""
-        return evaluate(model, batches, self.cfg.loss.temperature)
+        return evaluate(model, batches, self.cfg.loss.temperature, reduce=reduce)
 
 
 def logits_of(output: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -131,7 +131,24 @@ def finish_eval(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, teacher_column: str = LOGITS) -> dict[str, Any]:
+def _flatten(calib: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    return {f"calibration/{who}/{k}/{i}": v for who, sums in calib.items() for k, vs in sums.items() for i, v in enumerate(vs)}
+
+
+def _unflatten(sums: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
+    """(the plain sums, the calibration bins) back from one flat dict of floats."""
+    total, calib = {}, {}
+    for key, v in sums.items():
+        if key.startswith("calibration/"):
+            _, who, k, i = key.split("/")
+            calib.setdefault(who, {}).setdefault(k, [0.0] * CALIBRATION_BINS)[int(i)] = v
+        else:
+            total[key] = v
+    return total, calib
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, teacher_column: str = LOGITS,
+             reduce: Reduce = alone) -> dict[str, Any]:
     model.eval()
     total: dict[str, float] = {}
     calib: dict[str, dict[str, list[float]]] = {}
@@ -147,6 +164,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, tea
             prev = calib.setdefault(who, {k: [0.0] * CALIBRATION_BINS for k in sums})
             for k, v in sums.items():
                 prev[k] = [a + b for a, b in zip(prev[k], v)]
+    total, calib = _unflatten(reduce({**total, **_flatten(calib)}))
     if not total:
         return {"val_accuracy": math.nan, "val_agreement": math.nan, "val_kl": math.nan, "val_nll": math.nan,
                 "teacher_val_accuracy": math.nan, "val_rows": 0.0}

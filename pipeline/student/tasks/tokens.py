@@ -26,7 +26,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, output_width
 from pipeline.models.hf import saved_tokenizer
-from pipeline.student.tasks.base import Batch, Task
+from pipeline.student.tasks.base import Batch, Reduce, Task, alone
 from pipeline.student.losses.tokens import (
     full_kd_loss,
     keep_masked,
@@ -151,7 +151,7 @@ class TokenTask(Task):
         return {"loss": total, **parts}  # type: ignore[dict-item]
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
         """Perplexity and next-token accuracy on the real text; top-1 agreement with the teacher where
         the cache knows the teacher's argmax (full and top-k caches)."""
         model.eval()
@@ -168,6 +168,7 @@ class TokenTask(Task):
                 total["no_teacher"] = 1.0
             for k, v in lm_eval_sums(logits, ids[:, 1:], mask, top1).items():
                 total[k] = total.get(k, 0.0) + v
+        total = reduce(total)
         tokens = max(total.get("tokens", 0.0), 1.0)
         nll = total.get("nll_sum", math.nan) / tokens
         out = {"val_perplexity": math.exp(nll) if nll == nll else math.nan, "val_nll": nll,

@@ -66,7 +66,8 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, existing: Existin
             storage.remove_tree(run_dir, cfg.storage)
         rundir.write_config(run_dir, cfg.model_dump(mode="json"), cfg.storage)
     ensure_ray(address)
-    cache = plan(ready.cache_uri, ready.manifest, ready.task, cfg.in_memory, cfg.num_workers, log, cfg.storage)
+    cache = plan(ready.cache_uri, ready.manifest, ready.task, cfg.in_memory, cfg.num_workers, log, cfg.storage,
+                 cfg.local_cache, cfg.local_cache_gb)
     per_epoch, total = step_budget(cfg, cache, units_per_row(cache, ready.task) if cfg.max_tokens else None)
     trainer = make_trainer(cfg, WorkerPlan(cfg, slim(ready.manifest), cache, total))
     log(f"training {cfg.name}: {cfg.student.factory} on cache {ready.manifest.cache_id} "

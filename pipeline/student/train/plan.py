@@ -13,11 +13,12 @@ from pipeline import storage
 from pipeline.cache.manifest import Manifest
 from pipeline.config import TrainConfig
 from pipeline.student.tasks.base import Task
+from pipeline.student.train.localcache import LocalShardCache
 from pipeline.student.train.order import Order
 from pipeline.student.train.reader import ShardReader
 from pipeline.student.train.schedule import total_steps
 
-IN_MEMORY_SHARE = 0.2  # of the cluster's memory, for in_memory: auto (every worker keeps its own copy)
+IN_MEMORY_SHARE = 0.2  # of the cluster's memory, for in_memory: auto (each worker keeps its lanes' shards)
 Shards = dict[str, tuple[tuple[str, int], ...]]  # split -> (path relative to the cache, rows) per shard
 Preloaded = dict[str, list[dict[str, np.ndarray]]]  # split -> decoded columns per shard
 
@@ -30,13 +31,15 @@ class CachePlan:
     shards: Shards
     in_memory: bool
     options: storage.Options = None  # the storage endpoint the shards are read through
+    local_cache: tuple[str, int] | None = None  # (node-local directory, bytes) for shards of an object store
 
     def reader(self, split: str, columns: list[str], dtypes: dict, preloaded: Preloaded | None = None) -> ShardReader | None:
         """A reader of one split's shards (None for a split without shards)."""
         if not self.shards.get(split):
             return None
+        local = LocalShardCache(*self.local_cache, self.cache_uri) if self.local_cache else None
         return ShardReader(self.cache_uri, [p for p, _ in self.shards[split]], columns, dtypes, self.in_memory,
-                           (preloaded or {}).get(split), self.options)
+                           (preloaded or {}).get(split), self.options, local)
 
     def sizes(self, split: str = "train") -> tuple[int, ...]:
         return tuple(n for _, n in self.shards[split])
@@ -76,16 +79,17 @@ def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str], opti
 
 def keep_in_memory(setting: bool | str, cache_uri: str, manifest: Manifest, columns: list[str], workers: int,
                    log: Callable[[str], None], options: storage.Options = None) -> bool:
-    """`in_memory` resolved: auto keeps the decoded cache in every worker when all copies fit in a
-    fifth of the cluster's memory; otherwise workers stream shards and their memory stays flat."""
+    """`in_memory` resolved: auto keeps decoded shards in the workers when the cache fits in a fifth
+    of the cluster's memory (each worker keeps only the shards it reads, about 1/workers of them);
+    otherwise workers stream shards and their memory stays flat."""
     if setting != "auto":
         return bool(setting)
     import ray
 
-    need = in_memory_bytes(cache_uri, manifest, columns, options)
+    need = in_memory_bytes(cache_uri, manifest, columns, options) / max(workers, 1)
     budget = IN_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / max(workers, 1)
     keep = need <= budget
-    log(f"{'keeping' if keep else 'streaming'} the cache in each worker ({need / 1e6:.0f} MB decoded, "
+    log(f"{'keeping' if keep else 'streaming'} the cache in the workers ({need / 1e6:.0f} MB decoded per worker, "
         f"{budget / 1e6:.0f} MB allowed per worker for in_memory: auto)")
     return keep
 
@@ -101,9 +105,14 @@ def units_per_row(cache: CachePlan, task: Task) -> float:
 
 
 def plan(cache_uri: str, manifest: Manifest, task: Task, setting: bool | str, workers: int,
-         log: Callable[[str], None], options: storage.Options = None) -> CachePlan:
-    return CachePlan(cache_uri, shard_plan(manifest),
-                     keep_in_memory(setting, cache_uri, manifest, task.columns(), workers, log, options), options)
+         log: Callable[[str], None], options: storage.Options = None, local_cache: str | None = None,
+         local_cache_gb: float = 0.0) -> CachePlan:
+    """`local_cache` (a node-local directory) applies to a cache on an object store that workers stream."""
+    keep = keep_in_memory(setting, cache_uri, manifest, task.columns(), workers, log, options)
+    local = (local_cache, int(local_cache_gb * 1e9)) if local_cache and not keep and not storage.is_local(cache_uri) else None
+    if local:
+        log(f"keeping streamed shards in {local_cache} on each node (at most {local_cache_gb:g} GB): later epochs read them there")
+    return CachePlan(cache_uri, shard_plan(manifest), keep, options, local)
 
 
 def step_budget(cfg: TrainConfig, cache: CachePlan, units_per_row: float | None) -> tuple[int, int]:

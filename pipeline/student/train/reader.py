@@ -2,8 +2,9 @@
 
 Why not Ray Data's `streaming_split`: it hands blocks to whichever worker asks first, so the rows a
 worker sees differ from run to run and a run cannot resume in the middle of an epoch (Ray 2.60 has
-no dataset checkpoint). A worker holds at most the shards of the window it reads and of the next
-(read ahead on a thread) unless `in_memory` keeps them all.
+no dataset checkpoint). A worker reads only the shards of its lanes (see order.py): each row of an
+epoch is read by one worker. It holds at most the shards of the windows it reads and of the next
+(read ahead on a thread) unless `in_memory` keeps them all; kept, they are its lanes' shards only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from pipeline import storage
 from pipeline.cache.tensors import to_numpy
-from pipeline.student.train.order import Order, micro_slices
+from pipeline.student.train.localcache import LocalShardCache
+from pipeline.student.train.order import Order, Span, micro_slices
 
 Columns = dict[str, torch.Tensor]
 
@@ -32,10 +34,11 @@ class ShardReader:
 
     def __init__(self, cache_uri: str, paths: Sequence[str], columns: Sequence[str],
                  dtypes: dict[str, torch.dtype], keep: bool = False, preloaded: Sequence[dict[str, np.ndarray]] | None = None,
-                 options: storage.Options = None) -> None:
+                 options: storage.Options = None, local: LocalShardCache | None = None) -> None:
         self.cache_uri, self.paths, self.columns, self.dtypes, self.keep = cache_uri, list(paths), list(columns), dtypes, keep
         self.options = options  # the run's storage endpoint
         self.preloaded = preloaded  # decoded shards already in memory (a sweep's one read, from Ray's object store)
+        self.local = local  # a node-local copy of shards streamed from an object store
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-reader")
         self._loaded: dict[int, Future[Columns]] = {}
         self._lock = threading.Lock()
@@ -66,8 +69,13 @@ class ShardReader:
         import pyarrow.parquet as pq
 
         fs, root = storage.arrow_filesystem(self.cache_uri, self.options)
-        with fs.open_input_file(f"{root}/{self.paths[shard]}") as f:
-            table = pq.read_table(f, columns=self.columns)
+        remote = f"{root}/{self.paths[shard]}"
+        local = self.local.path(fs, remote, self.paths[shard]) if self.local else None
+        if local:
+            table = pq.read_table(local, columns=self.columns)
+        else:
+            with fs.open_input_file(remote) as f:
+                table = pq.read_table(f, columns=self.columns)
         self.reads += 1
         out = {}
         for c in self.columns:
@@ -80,10 +88,10 @@ class ShardReader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def gather(reader: ShardReader, order: Order, epoch: int, lo: int, hi: int) -> Columns:
-    """Rows [lo, hi) of the epoch's order as one batch of column tensors."""
+def gather(reader: ShardReader, order: Order, epoch: int, spans: Sequence[Span]) -> Columns:
+    """The rows of these spans of the epoch's order as one batch of column tensors."""
     parts = []
-    for index, a, b, shards in order.spans(epoch, lo, hi):
+    for index, a, b, shards in spans:
         shard_of, row_of = order.window_rows(epoch, index, shards)
         shard_of, row_of = shard_of[a:b], row_of[a:b]
         pieces, positions = [], []
@@ -99,25 +107,39 @@ def gather(reader: ShardReader, order: Order, epoch: int, lo: int, hi: int) -> C
     return {c: torch.cat([p[c] for p in parts]) for c in parts[0]}
 
 
+def step_spans(order: Order, epoch: int, step: int, rank: int, world: int) -> list[Span]:
+    """The window pieces worker `rank` of `world` trains on at `step`, lane after lane."""
+    return [span for lane, lo, hi in order.parts(step, rank, world) for span in order.spans(epoch, lane, lo, hi)]
+
+
+def ahead(order: Order, epoch: int, spans: Sequence[Span]) -> list[int]:
+    """The shards of these spans' windows and of the next window of each of their lanes: what a
+    worker reads now and next, and nothing of another lane."""
+    windows, wanted = order.windows(epoch), []
+    for index in sorted({span[0] for span in spans}):
+        wanted += windows[index][1]
+        nxt = index + 1
+        if nxt < len(windows) and windows[nxt][0] == windows[index][0] and not any(s[0] == nxt for s in spans):
+            wanted += windows[nxt][1]
+    return list(dict.fromkeys(wanted))
+
+
 def train_batches(reader: ShardReader, order: Order, epoch: int, start: int, stop: int, rank: int, world: int,
                   micro: int = 1) -> Iterator[list[Columns]]:
     """For each step in [start, stop) of `epoch`: this worker's rows as `micro` micro-batches."""
-    windows = order.windows(epoch)
     for step in range(start, stop):
-        lo, hi = order.worker_rows(step, rank, world)
-        spans = order.spans(epoch, lo, hi)
-        # The shards of this step's windows and of the next window: read ahead, the rest released.
-        last = spans[-1][0]
-        reader.want([s for w in windows[spans[0][0]:last + 2] for s in w])
-        batch = gather(reader, order, epoch, lo, hi)
-        n = hi - lo
+        spans = step_spans(order, epoch, step, rank, world)
+        reader.want(ahead(order, epoch, spans))  # read ahead; the rest released (unless kept)
+        batch = gather(reader, order, epoch, spans)
+        n = len(next(iter(batch.values())))
         yield [{c: t[s] for c, t in batch.items()} for s in micro_slices(n, micro)]
 
 
-def in_order(reader: ShardReader, batch_size: int) -> Iterator[Columns]:
-    """Every row of the reader's shards in file order, in batches (evaluation)."""
-    for shard in range(len(reader.paths)):
-        reader.want(list(range(shard, min(shard + 2, len(reader.paths)))))
+def in_order(reader: ShardReader, batch_size: int, shards: Sequence[int] | None = None) -> Iterator[Columns]:
+    """Every row of these shards (default: all of the reader's) in file order, in batches (evaluation)."""
+    shards = list(range(len(reader.paths))) if shards is None else list(shards)
+    for i, shard in enumerate(shards):
+        reader.want(shards[i:i + 2])
         cols = reader.get(shard)
         n = len(next(iter(cols.values())))
         for a in range(0, n, batch_size):

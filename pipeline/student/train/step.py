@@ -28,12 +28,14 @@ def as_float(output: Any) -> Any:
 
 def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Task, optimizer: torch.optim.Optimizer,
                precision: Precision | None = None, clip: float | None = None,
-               sync: Sync | None = None) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
+               sync: Sync | None = None, scale: float = 1.0) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
     """Forward and backward over the micro-batches, then one optimizer step.
 
     Each micro-batch's loss is weighted by its share of the step's rows, so accumulating gradients
     over k micro-batches gives the step one batch of all of them would (up to rounding).
-    `sync(last)` lets DDP/FSDP reduce gradients only on the last micro-batch.
+    `sync(last)` lets DDP/FSDP reduce gradients only on the last micro-batch. `scale` (this worker's
+    rows x workers / global batch) makes the workers' mean of gradients the global batch's mean when
+    workers hold unequal parts of a step.
     Returns (the row-weighted loss terms, the rows, the task's units, e.g. target tokens).
     """
     precision = precision or Precision("fp32", torch.device("cpu"))
@@ -49,7 +51,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Tas
             with precision.autocast():
                 output = model(x)
             parts = task.losses(as_float(output), batch)
-            precision.backward(parts["loss"] * share)
+            precision.backward(parts["loss"] * (share * scale))
         for name, value in parts.items():
             # Summed on the device: a float() here would sync a GPU on every step.
             parts_sum[name] = parts_sum.get(name, 0.0) + value.detach() * share

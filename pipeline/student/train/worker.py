@@ -21,7 +21,8 @@ from pipeline.student.tasks import task_for
 from pipeline.student.train import parallel
 from pipeline.student.train.checkpoint import restore, save_checkpoint
 from pipeline.student.train.meter import Meter
-from pipeline.student.train.order import Order
+from pipeline.errors import DistillError
+from pipeline.student.train.order import Order, deal, lanes_for
 from pipeline.student.train.plan import WorkerPlan
 from pipeline.student.train.precision import Precision
 from pipeline.student.train.reader import in_order, train_batches
@@ -45,13 +46,34 @@ def teacher_evidence(teacher_factory: str | None, teacher_weights: str | None = 
     return found
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_sum(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_sum_dict(sums: dict[str, float]) -> dict[str, float]:
+    """Evaluation sums added over workers by key (a worker with no val rows has none of them)."""
+    if not _distributed():
+        return sums
+    import torch.distributed as dist
+
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sums)
+    out: dict[str, float] = {}
+    for part in gathered:
+        for k, v in (part or {}).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -78,7 +100,7 @@ class Loop:
         self.optimizer = make_optimizer(self.model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.momentum)
         self.schedule = scheduler(self.optimizer, cfg, self.total)
         self.precision = Precision(cfg.precision, session.device)
-        self.step, self.history = 0, []
+        self.step, self.history, self.lanes = 0, [], None
         self.resumed_from = self.restore()
 
         # Checked inside the worker: how many workers show any sign of a teacher.
@@ -88,11 +110,21 @@ class Loop:
         columns, dtypes = task.columns(), task.dtypes()
         self.train = plan.cache.reader("train", columns, dtypes, plan.preloaded)
         self.val = plan.cache.reader("val", columns, dtypes, plan.preloaded)
-        sizes = plan.cache.sizes()
-        # A cache kept in memory is shuffled as one window: every row mixed with every other.
+        sizes, world = plan.cache.sizes(), session.world
+        # A cache kept in memory is shuffled as one window per lane: every row mixed with every other.
         window = len(sizes) if plan.cache.in_memory or not cfg.shuffle_shards else cfg.shuffle_shards
-        self.order = Order(sizes, cfg.batch_size, cfg.seed, window=window)
+        # The lanes are the run's first worker count's, kept on resume (another count splits or joins them).
+        lanes = self.lanes or lanes_for(sizes, cfg.batch_size, cfg.seed, world, cfg.grad_accum_steps)
+        self.order = Order(sizes, cfg.batch_size, cfg.seed, window=window, lanes=lanes)
+        if self.order.fewest_rows(world) < cfg.grad_accum_steps:
+            raise DistillError(f"{world} workers cannot share this run's {lanes} lanes of shards: some worker would get "
+                               f"fewer than {cfg.grad_accum_steps} rows at a step",
+                               f"resume it on at most {lanes} workers, or raise batch_size")
         self.per_epoch = self.order.steps_per_epoch
+        # Validation shards dealt to workers by rows: each val row evaluated once, the sums all-reduced.
+        val_sizes = plan.cache.sizes("val") if plan.cache.shards.get("val") else ()
+        self.val_rows = val_sizes
+        self.val_owner = deal(val_sizes, world) if val_sizes else None
         self.checkpoint_every = cfg.checkpoint_every or self.per_epoch
         self.eval_every = cfg.eval_every or self.per_epoch
         self.meter = Meter(task.unit)
@@ -103,6 +135,7 @@ class Loop:
             meta = restore(d, self.model, self.optimizer)
         if meta is not None:
             self.step, self.history = meta["step"], meta["history"]
+            self.lanes = meta.get("lanes", 1)  # checkpoints from before lanes: one lane, split by every worker
             self.schedule.load_state_dict(meta["scheduler"])
             self.precision.load_state_dict(meta["scaler"])
         return self.step
@@ -119,8 +152,10 @@ class Loop:
                 for micro in self.meter.timed(batches):
                     # Seeded per step, so dropout draws the same masks whether or not the run was resumed.
                     torch.manual_seed(hash((cfg.seed, self.step, rank)) % (2**63))
+                    mine = sum(len(next(iter(m.values()))) for m in micro)  # lanes give workers unequal parts
                     parts, rows, units = train_step(self.model, micro, self.task, self.optimizer, self.precision,
-                                                    cfg.optimizer.grad_clip, lambda last: parallel.sync(self.model, last))
+                                                    cfg.optimizer.grad_clip, lambda last: parallel.sync(self.model, last),
+                                                    scale=mine * world / cfg.batch_size)
                     self.schedule.step()
                     self.step += 1
                     self.meter.add(parts, rows, units)
@@ -147,10 +182,31 @@ class Loop:
                 **parallel.local_bytes(self.model, self.optimizer)}  # before evaluation, which unshards FSDP's root
 
     def evaluate(self) -> dict[str, Any]:
+        """This worker's val shards through the task's evaluation; the sums added over workers."""
         started = time.time()
-        evaluated = self.task.evaluate(self.model, in_order(self.val, self.task.eval_batch_size)) if self.val is not None else {}
+        if self.val is None:
+            return {"eval_seconds": 0.0}
+        rank, world, size = self.session.rank, self.session.world, self.task.eval_batch_size
+        mine = [s for s, owner in enumerate(self.val_owner) if owner == rank]
+        batches = in_order(self.val, size, mine)
+        if self.cfg.parallel == "fsdp" and world > 1:  # FSDP's forward is collective: as many on every worker
+            forwards = [sum(-(-self.val_rows[s] // size) for s, o in enumerate(self.val_owner) if o == r) for r in range(world)]
+            batches = self._padded(batches, max(forwards) - forwards[rank])
+        model = self.model if self.cfg.parallel == "fsdp" else parallel.bare(self.model)
+        evaluated = self.task.evaluate(model, batches, reduce=_all_sum_dict)
         parallel.reshard(self.model)
         return {**evaluated, "eval_seconds": time.time() - started}
+
+    def _padded(self, batches, extra: int):
+        """The batches, then `extra` forwards of one val row whose outputs are dropped."""
+        row = None
+        for batch in batches:
+            row = row or {c: t[:1] for c, t in batch.items()}
+            yield batch
+        if extra:
+            row = row or {c: t[:1] for c, t in self.val.get(0).items()}
+            for _ in range(extra):
+                self.model(self.task.model_inputs(row))
 
     def report(self, final: bool) -> None:
         """Evaluate (at eval steps), then hand the metrics and (at checkpoint steps) every worker's shard on."""
@@ -177,6 +233,6 @@ class Loop:
 
     def save(self, directory: str, final: bool) -> None:
         meta = {"step": self.step, "history": self.history, "scheduler": self.schedule.state_dict(),
-                "scaler": self.precision.state_dict()}
+                "scaler": self.precision.state_dict(), "lanes": self.order.lanes}
         student = self.task.student(parallel.bare(self.model)) if final else None
         save_checkpoint(directory, self.model, self.optimizer, self.session.rank, meta, student)

@@ -1,4 +1,5 @@
-"""A real S3 endpoint for tests: moto's server on 127.0.0.1, started and stopped by the test."""
+"""A real S3 endpoint on 127.0.0.1 for tests and benchmarks: moto's server, and a proxy in front of it
+that fails chosen requests or counts the bytes each object served."""
 
 from __future__ import annotations
 
@@ -36,22 +37,24 @@ def moto_s3(buckets=("distill",)):
         server.stop()
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 in front of the S3 server that fails some requests on purpose.
+class S3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server: what the object store served, per path
+    (`served`: bytes of GET answers), and failures on purpose.
 
     `fail(method, path, n)` decides per request: return (status, S3 error code) to fail it with,
     "drop" to close the connection without an answer, or None to forward it. Requests are counted, so the tests stay deterministic and bounded.
     """
 
-    def __init__(self, upstream: str, fail):
+    def __init__(self, upstream: str, fail=None):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlparse
+        from urllib.parse import unquote, urlparse
 
         up = urlparse(upstream)
         self.failed: list[tuple[str, str, int]] = []
         self.count = 0
+        self.served: dict[str, int] = {}
         lock = threading.Lock()
         proxy = self
 
@@ -78,7 +81,7 @@ class FlakyProxy:
                 with lock:
                     proxy.count += 1
                     n = proxy.count
-                verdict = fail(self.command, self.path, n)
+                verdict = fail(self.command, self.path, n) if fail else None
                 if verdict == "drop":  # a dropped connection: no response at all
                     proxy.failed.append((self.command, self.path, 0))
                     self.close_connection = True
@@ -109,6 +112,10 @@ class FlakyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                if self.command == "GET":
+                    with lock:
+                        key = unquote(self.path.split("?", 1)[0])
+                        proxy.served[key] = proxy.served.get(key, 0) + len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

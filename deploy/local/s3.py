@@ -4,6 +4,7 @@ that fails chosen requests or counts the bytes each object served."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -20,6 +21,7 @@ def moto_s3(buckets=("distill",)):
     from moto.server import ThreadedMotoServer
 
     set_fake_credentials()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -25,6 +25,18 @@ def test_a_gpu_asks_more_of_stage_1_and_sections_not_run_are_not_checked():
     assert check({"student_stage_efficiency": 0.95}, on_gpu=False) == []
 
 
+def test_stage_2_at_scale_misses_more_than_one_read_per_row_and_slow_sharded_evaluation():
+    good = {"read_amplification": {"1": 1.0, "2": 1.01, "4": 1.04}, "eval_seconds_2_over_1": 0.6,
+            "student_stage_efficiency_2_workers": 0.85}
+    assert check(good, on_gpu=False) == []
+    bad = {**good, "read_amplification": {"1": 1.0, "2": 2.0, "4": 4.0}, "eval_seconds_2_over_1": 1.0,
+           "student_stage_efficiency_2_workers": 0.7}
+    assert check(bad, on_gpu=False) == ["student_stage_efficiency_2_workers = 0.700, target >= 0.81",
+                                        "read_amplification_2 = 2.000, target <= 1.05",
+                                        "read_amplification_4 = 4.000, target <= 1.05",
+                                        "eval_seconds_2_over_1 = 1.000, target <= 0.65"]
+
+
 def test_the_scale_benchmark_names_each_ratio_that_misses():
     from jobs.benchmarks.scale import missed
 

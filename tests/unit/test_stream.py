@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cache.schema import LABEL, X
 from pipeline.student.train.order import Order, deal, lanes_for, micro_slices
-from pipeline.student.train.reader import ShardReader, in_order, train_batches
+from pipeline.student.train.reader import ShardReader, in_order, row_range, train_batches
 
 SHARD_ROWS = (7, 13, 5, 11)
 
@@ -193,3 +193,14 @@ def test_lanes_follow_the_workers_where_the_shards_allow():
     assert lanes_for((100, 1), 8, 0, world=2) == 1  # a lane of 1 row would leave a worker without rows
     assert lanes_for(LANE_ROWS, 8, 0, world=2, min_rows=5) == 1  # 2 micro-batches need rows for each
     assert lanes_for((50,), 8, 0, world=4) == 1
+
+
+def test_workers_evaluate_even_shares_of_the_val_rows_once_each(tmp_path):
+    reader = _reader(tmp_path)
+    n = sum(SHARD_ROWS)
+    for world in (1, 2, 3, 5):
+        shares = [row_range(SHARD_ROWS, r * n // world, (r + 1) * n // world) for r in range(world)]
+        rows = [torch.cat([b[LABEL] for b in in_order(reader, 4, share)]).tolist() for share in shares]
+        assert sum(rows, []) == list(range(n))  # each row once, in file order
+        assert max(map(len, rows)) - min(map(len, rows)) <= 1
+    assert row_range(SHARD_ROWS, 5, 22) == [(0, 5, 7), (1, 0, 13), (2, 0, 2)]

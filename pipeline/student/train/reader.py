@@ -23,6 +23,9 @@ from pipeline.student.train.localcache import LocalShardCache
 from pipeline.student.train.order import Order, Span, micro_slices
 
 Columns = dict[str, torch.Tensor]
+# Shards up to this size are fetched from an object store in one GET (all columns); larger ones with
+# ranged reads of the footer and of the columns the task reads.
+WHOLE_OBJECT_BYTES = 64 << 20
 
 
 class ShardReader:
@@ -73,6 +76,13 @@ class ShardReader:
         local = self.local.path(fs, remote, self.paths[shard]) if self.local else None
         if local:
             table = pq.read_table(local, columns=self.columns)
+        elif not storage.is_local(self.cache_uri) and (fs.get_file_info(remote).size or 0) <= WHOLE_OBJECT_BYTES:
+            # One GET of the whole object: Parquet's reader would first fetch its last 64 kB for the
+            # footer, then the columns, which for a shard of a few hundred kB is nearly twice the bytes.
+            import pyarrow as pa
+
+            with fs.open_input_stream(remote) as f:
+                table = pq.read_table(pa.BufferReader(f.read()), columns=self.columns)
         else:
             with fs.open_input_file(remote) as f:
                 table = pq.read_table(f, columns=self.columns)
@@ -135,12 +145,26 @@ def train_batches(reader: ShardReader, order: Order, epoch: int, start: int, sto
         yield [{c: t[s] for c, t in batch.items()} for s in micro_slices(n, micro)]
 
 
-def in_order(reader: ShardReader, batch_size: int, shards: Sequence[int] | None = None) -> Iterator[Columns]:
-    """Every row of these shards (default: all of the reader's) in file order, in batches (evaluation)."""
-    shards = list(range(len(reader.paths))) if shards is None else list(shards)
-    for i, shard in enumerate(shards):
+def row_range(sizes: Sequence[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) pieces of rows [lo, hi) of shards of these sizes taken in file order."""
+    out, pos = [], 0
+    for shard, n in enumerate(sizes):
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append((shard, a - pos, b - pos))
+        pos += n
+    return out
+
+
+def in_order(reader: ShardReader, batch_size: int, pieces: Sequence[tuple[int, int, int]] | None = None) -> Iterator[Columns]:
+    """Every row of these (shard, start, stop) pieces (default: all of the reader's shards) in file
+    order, in batches (evaluation)."""
+    if pieces is None:
+        pieces = [(shard, 0, None) for shard in range(len(reader.paths))]
+    shards = [p[0] for p in pieces]
+    for i, (shard, a, b) in enumerate(pieces):
         reader.want(shards[i:i + 2])
         cols = reader.get(shard)
-        n = len(next(iter(cols.values())))
-        for a in range(0, n, batch_size):
-            yield {c: t[a:a + batch_size] for c, t in cols.items()}
+        b = len(next(iter(cols.values()))) if b is None else b
+        for start in range(a, b, batch_size):
+            yield {c: t[start:min(start + batch_size, b)] for c, t in cols.items()}

@@ -22,10 +22,10 @@ from pipeline.student.train import parallel
 from pipeline.student.train.checkpoint import restore, save_checkpoint
 from pipeline.student.train.meter import Meter
 from pipeline.errors import DistillError
-from pipeline.student.train.order import Order, deal, lanes_for
+from pipeline.student.train.order import Order, lanes_for
 from pipeline.student.train.plan import WorkerPlan
 from pipeline.student.train.precision import Precision
-from pipeline.student.train.reader import in_order, train_batches
+from pipeline.student.train.reader import in_order, row_range, train_batches
 from pipeline.student.train.schedule import scheduler
 from pipeline.student.train.session import Session, TrainSession
 from pipeline.student.train.step import make_optimizer, train_step
@@ -121,10 +121,8 @@ class Loop:
                                f"fewer than {cfg.grad_accum_steps} rows at a step",
                                f"resume it on at most {lanes} workers, or raise batch_size")
         self.per_epoch = self.order.steps_per_epoch
-        # Validation shards dealt to workers by rows: each val row evaluated once, the sums all-reduced.
-        val_sizes = plan.cache.sizes("val") if plan.cache.shards.get("val") else ()
-        self.val_rows = val_sizes
-        self.val_owner = deal(val_sizes, world) if val_sizes else None
+        # Each worker evaluates an even share of the val rows (in file order), the sums all-reduced.
+        self.val_sizes = plan.cache.sizes("val") if plan.cache.shards.get("val") else ()
         self.checkpoint_every = cfg.checkpoint_every or self.per_epoch
         self.eval_every = cfg.eval_every or self.per_epoch
         self.meter = Meter(task.unit)
@@ -187,10 +185,11 @@ class Loop:
         if self.val is None:
             return {"eval_seconds": 0.0}
         rank, world, size = self.session.rank, self.session.world, self.task.eval_batch_size
-        mine = [s for s, owner in enumerate(self.val_owner) if owner == rank]
-        batches = in_order(self.val, size, mine)
+        n = sum(self.val_sizes)
+        shares = [row_range(self.val_sizes, r * n // world, (r + 1) * n // world) for r in range(world)]
+        batches = in_order(self.val, size, shares[rank])
         if self.cfg.parallel == "fsdp" and world > 1:  # FSDP's forward is collective: as many on every worker
-            forwards = [sum(-(-self.val_rows[s] // size) for s, o in enumerate(self.val_owner) if o == r) for r in range(world)]
+            forwards = [sum(-(-(b - a) // size) for _, a, b in share) for share in shares]
             batches = self._padded(batches, max(forwards) - forwards[rank])
         model = self.model if self.cfg.parallel == "fsdp" else parallel.bare(self.model)
         evaluated = self.task.evaluate(model, batches, reduce=_all_sum_dict)

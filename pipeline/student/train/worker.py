@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import DistillError
 from pipeline.models.factory import BUILT_IN_THIS_PROCESS, LOADED_IN_THIS_PROCESS
 from pipeline.progress import Throttle
 from pipeline.runtime import quiet_train_worker
@@ -21,7 +22,6 @@ from pipeline.student.tasks import task_for
 from pipeline.student.train import parallel
 from pipeline.student.train.checkpoint import restore, save_checkpoint
 from pipeline.student.train.meter import Meter
-from pipeline.errors import DistillError
 from pipeline.student.train.order import Order, lanes_for
 from pipeline.student.train.plan import WorkerPlan
 from pipeline.student.train.precision import Precision
@@ -180,7 +180,7 @@ class Loop:
                 **parallel.local_bytes(self.model, self.optimizer)}  # before evaluation, which unshards FSDP's root
 
     def evaluate(self) -> dict[str, Any]:
-        """This worker's val shards through the task's evaluation; the sums added over workers."""
+        """This worker's share of the val rows through the task's evaluation; the sums added over workers."""
         started = time.time()
         if self.val is None:
             return {"eval_seconds": 0.0}

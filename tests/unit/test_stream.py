@@ -204,3 +204,22 @@ def test_workers_evaluate_even_shares_of_the_val_rows_once_each(tmp_path):
         assert sum(rows, []) == list(range(n))  # each row once, in file order
         assert max(map(len, rows)) - min(map(len, rows)) <= 1
     assert row_range(SHARD_ROWS, 5, 22) == [(0, 5, 7), (1, 0, 13), (2, 0, 2)]
+
+
+def test_a_kept_val_share_is_read_once_over_evaluations_while_train_streams(tmp_path):
+    from pipeline.student.train.plan import CachePlan
+
+    paths = _shards(tmp_path)
+    shards = {"train": tuple((p, n) for p, n in zip(paths, SHARD_ROWS)), "val": tuple((p, n) for p, n in zip(paths, SHARD_ROWS))}
+    dtypes = {LABEL: torch.int64, X: torch.float32}
+    reads = {}
+    for keep_val in (True, False):
+        cache = CachePlan(str(tmp_path), shards, in_memory=False, keep_val=keep_val)
+        val, train = cache.reader("val", [LABEL, X], dtypes), cache.reader("train", [LABEL, X], dtypes)
+        share = row_range(SHARD_ROWS, 0, 20)  # a worker's share: shards 0 and 1
+        for _ in range(3):
+            assert torch.cat([b[LABEL] for b in in_order(val, 4, share)]).tolist() == list(range(20))
+        reads[keep_val] = val.reads
+        assert not train.keep
+    assert reads[True] == 2  # kept: each shard of the share once
+    assert reads[False] >= 4  # streamed: read again at later evaluations

@@ -32,13 +32,17 @@ class CachePlan:
     in_memory: bool
     options: storage.Options = None  # the storage endpoint the shards are read through
     local_cache: tuple[str, int] | None = None  # (node-local directory, bytes) for shards of an object store
+    # Streamed caches: whether each worker keeps its share of the val rows decoded after the first
+    # evaluation, so later evaluations cost compute, not another read of the same rows.
+    keep_val: bool = False
 
     def reader(self, split: str, columns: list[str], dtypes: dict, preloaded: Preloaded | None = None) -> ShardReader | None:
         """A reader of one split's shards (None for a split without shards)."""
         if not self.shards.get(split):
             return None
         local = LocalShardCache(*self.local_cache, self.cache_uri) if self.local_cache else None
-        return ShardReader(self.cache_uri, [p for p, _ in self.shards[split]], columns, dtypes, self.in_memory,
+        keep = self.in_memory or (split == "val" and self.keep_val)
+        return ShardReader(self.cache_uri, [p for p, _ in self.shards[split]], columns, dtypes, keep,
                            (preloaded or {}).get(split), self.options, local)
 
     def sizes(self, split: str = "train") -> tuple[int, ...]:
@@ -66,15 +70,23 @@ def shard_plan(manifest: Manifest) -> Shards:
     return {split: tuple((s.path, s.rows) for s in manifest.shards_of(split)) for split in ("train", "val")}
 
 
-def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str], options: storage.Options = None) -> int:
-    """Decoded size of `columns` over every row, from the first rows of one shard (Parquet's encoded
+def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str], options: storage.Options = None,
+                    rows: int | None = None) -> int:
+    """Decoded size of `columns` over every row (or `rows` rows), from the first rows of one shard (Parquet's encoded
     sizes can be 10x smaller, e.g. for MNIST's zeros)."""
     import pyarrow.parquet as pq
 
     fs, root = storage.arrow_filesystem(cache_uri, options)
     with fs.open_input_file(f"{root}/{manifest.shards[0].path}") as f:
         batch = next(pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns))
-    return int(batch.nbytes / max(batch.num_rows, 1) * manifest.rows)
+    return int(batch.nbytes / max(batch.num_rows, 1) * (manifest.rows if rows is None else rows))
+
+
+def memory_budget(workers: int) -> float:
+    """Bytes each worker may keep decoded: a fifth of the cluster's memory, shared by the workers."""
+    import ray
+
+    return IN_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / max(workers, 1)
 
 
 def keep_in_memory(setting: bool | str, cache_uri: str, manifest: Manifest, columns: list[str], workers: int,
@@ -84,10 +96,8 @@ def keep_in_memory(setting: bool | str, cache_uri: str, manifest: Manifest, colu
     otherwise workers stream shards and their memory stays flat."""
     if setting != "auto":
         return bool(setting)
-    import ray
-
     need = in_memory_bytes(cache_uri, manifest, columns, options) / max(workers, 1)
-    budget = IN_MEMORY_SHARE * ray.cluster_resources().get("memory", 0) / max(workers, 1)
+    budget = memory_budget(workers)
     keep = need <= budget
     log(f"{'keeping' if keep else 'streaming'} the cache in the workers ({need / 1e6:.0f} MB decoded per worker, "
         f"{budget / 1e6:.0f} MB allowed per worker for in_memory: auto)")
@@ -112,7 +122,10 @@ def plan(cache_uri: str, manifest: Manifest, task: Task, setting: bool | str, wo
     local = (local_cache, int(local_cache_gb * 1e9)) if local_cache and not keep and not storage.is_local(cache_uri) else None
     if local:
         log(f"keeping streamed shards in {local_cache} on each node (at most {local_cache_gb:g} GB): later epochs read them there")
-    return CachePlan(cache_uri, shard_plan(manifest), keep, options, local)
+    val_rows = manifest.rows_by_split.get("val", 0)
+    keep_val = keep or (val_rows > 0 and in_memory_bytes(cache_uri, manifest, task.columns(), options, val_rows)
+                        / max(workers, 1) <= memory_budget(workers))
+    return CachePlan(cache_uri, shard_plan(manifest), keep, options, local, keep_val)
 
 
 def step_budget(cfg: TrainConfig, cache: CachePlan, units_per_row: float | None) -> tuple[int, int]:

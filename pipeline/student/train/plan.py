@@ -71,15 +71,17 @@ def shard_plan(manifest: Manifest) -> Shards:
 
 
 def in_memory_bytes(cache_uri: str, manifest: Manifest, columns: list[str], options: storage.Options = None,
-                    rows: int | None = None) -> int:
-    """Decoded size of `columns` over every row (or `rows` rows), from the first rows of one shard (Parquet's encoded
-    sizes can be 10x smaller, e.g. for MNIST's zeros)."""
+                    split: str | None = None) -> int:
+    """Decoded size of `columns` over every row (or a split's), from the first rows of one of its
+    shards (Parquet's encoded sizes can be 10x smaller, e.g. for MNIST's zeros)."""
     import pyarrow.parquet as pq
 
+    shards = manifest.shards_of(split) if split else manifest.shards
+    rows = sum(s.rows for s in shards)
     fs, root = storage.arrow_filesystem(cache_uri, options)
-    with fs.open_input_file(f"{root}/{manifest.shards[0].path}") as f:
+    with fs.open_input_file(f"{root}/{shards[0].path}") as f:
         batch = next(pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns))
-    return int(batch.nbytes / max(batch.num_rows, 1) * (manifest.rows if rows is None else rows))
+    return int(batch.nbytes / max(batch.num_rows, 1) * rows)
 
 
 def memory_budget(workers: int) -> float:
@@ -122,8 +124,8 @@ def plan(cache_uri: str, manifest: Manifest, task: Task, setting: bool | str, wo
     local = (local_cache, int(local_cache_gb * 1e9)) if local_cache and not keep and not storage.is_local(cache_uri) else None
     if local:
         log(f"keeping streamed shards in {local_cache} on each node (at most {local_cache_gb:g} GB): later epochs read them there")
-    val_rows = manifest.rows_by_split.get("val", 0)
-    keep_val = keep or (val_rows > 0 and in_memory_bytes(cache_uri, manifest, task.columns(), options, val_rows)
+    # Read from a val shard: a streamed epoch's train bytes are the workers' alone.
+    keep_val = keep or (bool(manifest.shards_of("val")) and in_memory_bytes(cache_uri, manifest, task.columns(), options, "val")
                         / max(workers, 1) <= memory_budget(workers))
     return CachePlan(cache_uri, shard_plan(manifest), keep, options, local, keep_val)
 

@@ -44,6 +44,9 @@ class LossConfig(Strict):
     # Top-k token caches: `bucket` is the exact KL over the k stored tokens + one rest bucket;
     # `uniform` also spreads the exact rest mass evenly over the tokens not stored (full-vocabulary KL).
     topk_tail: Literal["bucket", "uniform"] = "bucket"
+    # Token students that expose their output head (built-in and HF language models): the loss applies
+    # it a chunk of positions at a time, so no (batch, length, vocabulary) logits tensor is held.
+    fused_head: bool = True
 
     @model_validator(mode="after")
     def _pairs_for_terms(self) -> "LossConfig":

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.errors import DistillError
+from pipeline.models.hidden import Hidden
 
 
 class HFCausalLM(nn.Module):
@@ -30,9 +31,24 @@ class HFCausalLM(nn.Module):
     def dropped_logits(self) -> int:
         return _vocab_size(self.model) - self.keep if self.keep else 0
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def head_is_linear(self) -> bool:
+        """Whether the logits are the output embedding of the base model's last hidden state and no
+        more (models that soft-cap or scale their logits are run whole)."""
+        config, head = self.model.config, self.model.get_output_embeddings()
+        scaled = any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+        return isinstance(head, nn.Linear) and not scaled and getattr(self.model, "base_model", None) is not self.model
+
+    def forward(self, input_ids: torch.Tensor, hidden: bool = False) -> torch.Tensor | Hidden:
         # A model spread over GPUs by device_map takes its inputs on the first layer's device.
-        logits = self.model(input_ids=input_ids.long().to(self.model.device), use_cache=False).logits
+        input_ids = input_ids.long().to(self.model.device)
+        if hidden:
+            last = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+            if self.keep:
+                weight, bias = weight[:self.keep], None if bias is None else bias[:self.keep]
+            return Hidden(last.to(weight.device), weight, bias)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
         return logits[..., :self.keep] if self.keep else logits
 
 

@@ -1,7 +1,7 @@
 """Causal language models for token-level distillation: a small GPT-style decoder (HF models: pipeline.models.hf).
 
 Every factory returns a module whose forward takes input_ids (B, L) and returns logits (B, L, V)
-as a plain tensor, so the pipeline treats a language model like the image models: `build_model`
+as a plain tensor (or, with `hidden=True`, the last hidden layer and the head: see models/hidden.py), so the pipeline treats a language model like the image models: `build_model`
 passes `num_classes` (the vocabulary size) and `input_shape` ((L,), the window length the model
 reads). Ids may arrive as int32 (the cache column) or float (the teacher actor casts its input to
 float32); forward casts them to long.
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.hidden import Hidden
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,8 +87,9 @@ class CausalLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, L), any integer or float dtype -> logits (B, L, V)."""
+    def forward(self, input_ids: torch.Tensor, hidden: bool = False) -> torch.Tensor | Hidden:
+        """input_ids (B, L), any integer or float dtype -> logits (B, L, V), or with `hidden` the
+        last hidden layer and the head, for a loss that applies the head in chunks."""
         n = input_ids.shape[1]
         if n > self.max_len:
             raise ValueError(f"sequence of {n} tokens is longer than the model's max_len {self.max_len}")
@@ -95,7 +97,8 @@ class CausalLM(nn.Module):
         x = self.drop(self.tok_emb(input_ids.long()) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        return Hidden(x, self.head.weight, self.head.bias) if hidden else self.head(x)
 
 
 def causal_lm(num_classes: int = 8192, input_shape: tuple[int, ...] = (64,), d_model: int = 128, n_layers: int = 2,

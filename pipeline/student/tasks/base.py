@@ -62,6 +62,11 @@ class Task(ABC):
     def model_inputs(self, batch: Batch) -> torch.Tensor:
         """What the model's forward takes from a batch."""
 
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> Any:
+        """The model's output for a batch's inputs, as `losses` takes it (language models may hand
+        over their hidden states and head instead of logits)."""
+        return model(inputs)
+
     @abstractmethod
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
         """{"loss": the weighted sum, and each weighted term by name}, all scalars."""

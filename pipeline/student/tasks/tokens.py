@@ -26,6 +26,8 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model, output_width
 from pipeline.models.hf import saved_tokenizer
+from pipeline.models.hidden import Hidden, returns_hidden
+from pipeline.student.losses.fused import head_losses, head_sums
 from pipeline.student.tasks.base import Batch, Reduce, Task, alone
 from pipeline.student.losses.tokens import (
     full_kd_loss,
@@ -37,6 +39,8 @@ from pipeline.student.losses.tokens import (
 )
 
 _INT_COLUMNS = {INPUT_IDS, LENGTH, TOPK_INDICES, SAMPLED_INDICES, TEACHER_SEQUENCE}
+EVAL_TOKENS = 1 << 15  # positions an evaluation batch holds
+EVAL_LOGITS = 1 << 27  # logits an evaluation batch of a student without a separable head holds (0.5 GiB)
 
 
 class TokenTask(Task):
@@ -45,7 +49,6 @@ class TokenTask(Task):
     continuations for a sequences cache)."""
 
     name = "tokens"
-    eval_batch_size = 64
     unit = "tokens"
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest) -> None:
@@ -60,6 +63,16 @@ class TokenTask(Task):
         # What the cache knows of the teacher's argmax: agreement is reported only where it can be.
         self.result_metrics = ("val_perplexity", "val_accuracy", "val_nll",
                                *(("val_agreement",) if isinstance(self.signal, (TopkRecord, FullLogitsRecord)) else ()))
+        self.fused = False  # set by build_model: whether the student hands its head to the loss
+        self.eval_batch_size = self._eval_rows()
+
+    def _eval_rows(self) -> int:
+        """Rows an evaluation batch holds: a budget of tokens (hidden states, the head applied in
+        chunks) or, for a student that returns logits, of logits."""
+        length, vocab = max(int(self.manifest.input_shape[0]), 1), max(self.manifest.num_classes, 1)
+        if self.fused:
+            return max(1, EVAL_TOKENS // length)
+        return max(1, min(EVAL_TOKENS // length, EVAL_LOGITS // (length * vocab)))
 
     def check(self) -> None:
         """What a token cache can serve, and a student that reads its windows and vocabulary."""
@@ -111,7 +124,13 @@ class TokenTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.manifest
-        return build_model(self.cfg.student, input_shape=tuple(m.input_shape), num_classes=m.num_classes)
+        model = build_model(self.cfg.student, input_shape=tuple(m.input_shape), num_classes=m.num_classes)
+        self.fused = self.cfg.loss.fused_head and returns_hidden(model)
+        self.eval_batch_size = self._eval_rows()
+        return model
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> Any:
+        return model(inputs, hidden=True) if self.fused else model(inputs)
 
     def sequence(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L + 1), mask (B, L) of the targets that count) of the training sequences."""
@@ -131,6 +150,8 @@ class TokenTask(Task):
         return self.sequence(batch)[1].sum()
 
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        if isinstance(output, Hidden):
+            return self._fused_losses(output, batch)
         logits, signal = output, self.signal
         ids, mask = self.sequence(batch)
         parts: dict[str, torch.Tensor] = {}
@@ -150,6 +171,39 @@ class TokenTask(Task):
         total = sum(self.terms[n] * parts[n] for n in self.terms)
         return {"loss": total, **parts}  # type: ignore[dict-item]
 
+    def _fused_losses(self, output: Hidden, batch: Batch) -> dict[str, torch.Tensor]:
+        """The same terms, the head applied inside the loss a chunk of the positions that count at a
+        time (losses/fused.py): each chunk's terms are the unfused formulas on that chunk alone."""
+        ids, mask = self.sequence(batch)
+        at = mask.reshape(-1).nonzero().squeeze(1)
+        hidden = output.hidden.reshape(-1, output.hidden.shape[-1])[at]
+        # The cache's per-token columns ((B, L, ...): ids, weights, values, log-normalisers) at those positions.
+        rows = {name: batch[name].flatten(0, 1)[at] for name in self.signal.columns if name in batch and batch[name].ndim >= 2}
+        targets = ids[:, 1:].reshape(-1)[at]
+        signal, t = self.signal, self.temperature
+
+        def terms(z: torch.Tensor, part: slice) -> dict[str, torch.Tensor]:
+            n = z.shape[0]
+            z, ones = z[None], torch.ones(1, n, dtype=torch.bool, device=z.device)
+            cols = {name: r[part][None] for name, r in rows.items()}
+            out = {}
+            if "ce" in self.terms:
+                out["ce"] = token_ce_loss(z, targets[part][None], ones) * n
+            if "kd" in self.terms:
+                if isinstance(signal, TopkRecord):
+                    step = signal.step if signal.values == "uint8" else None
+                    out["kd"] = self.topk_loss(z, cols[TOPK_INDICES], cols[TOPK_VALUES], cols[TOPK_LSE][..., self.lse_index],
+                                               ones, t, quantised_step=step) * n
+                elif isinstance(signal, SampledRecord):
+                    out["kd"] = sampled_kd_loss(z, cols[SAMPLED_INDICES], cols[SAMPLED_WEIGHTS], ones, t,
+                                                renormalise=signal.estimator != "priority") * n
+                else:
+                    out["kd"] = full_kd_loss(z, cols[LOGITS], ones, t) * n
+            return out
+
+        loss, parts = head_losses(hidden, output.weight, output.bias, terms, self.terms)
+        return {"loss": loss, **parts}
+
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
         """Perplexity and next-token accuracy on the real text; top-1 agreement with the teacher where
@@ -158,7 +212,7 @@ class TokenTask(Task):
         total: dict[str, float] = {}
         for batch in batches:
             ids, mask = lm_targets(batch)
-            logits = model(ids[:, :-1])
+            output = self.forward(model, ids[:, :-1])
             if isinstance(self.signal, TopkRecord) and TOPK_INDICES in batch:
                 top1 = batch[TOPK_INDICES][..., 0]
             elif isinstance(self.signal, FullLogitsRecord) and LOGITS in batch:
@@ -166,7 +220,15 @@ class TokenTask(Task):
             else:  # sampled or sequence caches, or text with no teacher outputs: no argmax to agree with
                 top1 = torch.full_like(ids[:, 1:], -1)
                 total["no_teacher"] = 1.0
-            for k, v in lm_eval_sums(logits, ids[:, 1:], mask, top1).items():
+            if isinstance(output, Hidden):  # the head applied a chunk of the counted positions at a time
+                at = mask.reshape(-1).nonzero().squeeze(1)
+                targets, top1 = ids[:, 1:].reshape(-1)[at], top1.reshape(-1)[at]
+                ones = torch.ones(1, len(at), dtype=torch.bool, device=ids.device)
+                sums = head_sums(output.hidden.reshape(-1, output.hidden.shape[-1])[at], output.weight, output.bias,
+                                 lambda z, p: lm_eval_sums(z[None], targets[p][None], ones[:, p], top1[p][None]))
+            else:
+                sums = lm_eval_sums(output, ids[:, 1:], mask, top1)
+            for k, v in sums.items():
                 total[k] = total.get(k, 0.0) + v
         total = reduce(total)
         tokens = max(total.get("tokens", 0.0), 1.0)

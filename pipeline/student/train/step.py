@@ -49,7 +49,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Tas
         share = len(x) / rows
         with (sync(i == len(inputs) - 1) if sync else contextlib.nullcontext()):
             with precision.autocast():
-                output = model(x)
+                output = task.forward(model, x)
             parts = task.losses(as_float(output), batch)
             precision.backward(parts["loss"] * (share * scale))
         for name, value in parts.items():

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage bench-lossmem cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -58,6 +58,9 @@ bench-sweep: $(STAMP)
 
 bench-storage: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.storage
+
+bench-lossmem: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.lossmem $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

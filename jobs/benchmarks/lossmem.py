@@ -101,9 +101,9 @@ def one_row(loss: str, fused: bool, vocab: int, device: str) -> dict[str, Any]:
             "tokens_per_s": B * L / statistics.median(times)}
 
 
-def _in_fresh_process(loss: str, fused: bool, vocab: int, device: str) -> dict[str, Any]:
+def _in_fresh_process(loss: str, fused: bool, vocab: int, device: str, chunk: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "jobs.benchmarks.lossmem", "--row", loss, "--fused", str(int(fused)),
-           "--vocab", str(vocab), "--device", device]
+           "--vocab", str(vocab), "--device", device, *(["--chunk-elements", str(chunk)] if chunk else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {loss:<5} fused={str(fused):<5} V={vocab:>7,}: peak rise {row['peak_rise_gib']:.3f} GiB, "
@@ -148,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row", choices=("ce", "kd_ce"), help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--fused", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, default=V, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-elements", type=int, help="logits a fused chunk holds (default: the loss's own)")
     args = parser.parse_args(argv)
+    if args.chunk_elements:
+        from pipeline.student.losses import fused
+
+        fused.CHUNK_ELEMENTS = args.chunk_elements
     if args.row:
         print(json.dumps(one_row(args.row, bool(args.fused), args.vocab, args.device)))
         return 0
     m = machine()
     print(f"bench-lossmem: one training step per fresh process on {args.device}", flush=True)
-    rows = [_in_fresh_process(loss, fused, V, args.device) for loss in ("ce", "kd_ce") for fused in (False, True)]
-    speed = [_in_fresh_process(loss, fused, SPEED_V, args.device) for loss in ("ce", "kd_ce") for fused in (False, True)]
+    c = args.chunk_elements
+    rows = [_in_fresh_process(loss, fused, V, args.device, c) for loss in ("ce", "kd_ce") for fused in (False, True)]
+    speed = [_in_fresh_process(loss, fused, SPEED_V, args.device, c) for loss in ("ce", "kd_ce") for fused in (False, True)]
     command = " ".join(["python -m jobs.benchmarks.lossmem", *(sys.argv[1:] if argv is None else argv)])
     r = report(rows, speed, m, command)
     table = markdown(r)

@@ -3,7 +3,8 @@
 0.5 GiB, and a log-softmax and its gradient triple that.
 
 The gradient is computed in the forward pass, chunk by chunk: d loss / d logits of one chunk from
-the unfused loss formulas (`losses/tokens.py`, on that chunk alone), then the head's two matmuls
+the unfused loss formulas (`losses/tokens.py`, on that chunk alone, one term at a time so only
+one term's temporaries exist at once), then the head's two matmuls
 into d hidden and d weight. Backward only scales what was stored. That is three matmuls of the head
 per chunk, as unfused, and peak memory is one chunk's logits with the loss's temporaries over them.
 Liger Kernel's fused linear losses and Cut Cross-Entropy do this with GPU kernels; this is plain
@@ -24,8 +25,8 @@ __all__ = ["Hidden", "chunk_positions", "head_losses", "head_sums"]
 # Logits one chunk holds: 16 MiB in float32, 32 positions at V = 131,072 and 512 at V = 8,192.
 CHUNK_ELEMENTS = 1 << 22
 
-# logits (C, V) of the selected positions [lo, hi) -> each term's sum over those positions
-ChunkTerms = Callable[[torch.Tensor, slice], dict[str, torch.Tensor]]
+# logits (C, V) of the selected positions [lo, hi) -> one term's sum over those positions
+ChunkTerm = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def chunk_positions(vocab: int, budget: int | None = None) -> int:
@@ -39,7 +40,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, terms: ChunkTerms, weights: dict[str, float], count: int, chunk: int,
+    def forward(ctx, hidden, weight, bias, terms: dict[str, ChunkTerm], weights: dict[str, float], count: int, chunk: int,
                 out: dict[str, torch.Tensor]):
         dtype = _compute_dtype(weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -52,13 +53,19 @@ class _HeadLoss(torch.autograd.Function):
             rows = slice(lo, min(lo + chunk, hidden.shape[0]))
             h = hidden[rows]
             z = F.linear(h, weight, bias).to(dtype).requires_grad_()
-            with torch.enable_grad():
-                parts = terms(z, rows)
-                weighted = sum(weights[name] * parts[name] for name in weights) / count
-            (g,) = torch.autograd.grad(weighted, z)
-            total += weighted.detach()
-            for name, value in parts.items():
+            g = None
+            for name, term in terms.items():  # one term's graph at a time: its temporaries are freed before the next
+                with torch.enable_grad():
+                    value = term(z, rows)
+                    weighted = weights.get(name, 0.0) * value / count
                 out[name] = out.get(name, 0.0) + value.detach() / count
+                if weights.get(name, 0.0):
+                    (part,) = torch.autograd.grad(weighted, z)
+                    g = part if g is None else g.add_(part)
+                    total += weighted.detach()
+                del value, weighted
+            if g is None:
+                continue
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[rows] = (g @ weight).to(hidden.dtype)
@@ -82,15 +89,16 @@ class _HeadLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, terms: ChunkTerms,
+def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, terms: dict[str, ChunkTerm],
                 weights: dict[str, float], chunk: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_n weights[n] * mean_n over the N selected positions, the head applied chunk by chunk.
 
     Args:
         hidden: (N, H) the last hidden state of the positions that count (padding already dropped).
         weight: (V, H) the output head; bias (V,) or None.
-        terms: each term's sum over a chunk's positions from its logits (C, V), in the compute dtype.
-        weights: the loss weight of each term (terms outside it are computed and reported only).
+        terms: per term, its sum over a chunk's positions from their logits (C, V) in the compute
+            dtype; terms without a weight are computed and reported only.
+        weights: the loss weight of each term.
         chunk: positions per chunk (default: `chunk_positions(V)`).
 
     Returns:
@@ -100,7 +108,7 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     out: dict[str, torch.Tensor] = {}
     if count == 0:  # nothing counts: a zero loss that still reaches the head's parameters
         zero = hidden.sum() * 0 + weight.sum() * 0
-        return zero, {name: zero.detach() for name in weights}
+        return zero, {name: zero.detach() for name in terms}
     loss = _HeadLoss.apply(hidden, weight, bias, terms, weights, count, chunk or chunk_positions(weight.shape[0]), out)
     return loss, out
 

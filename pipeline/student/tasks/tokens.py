@@ -4,7 +4,7 @@ top-k buckets, sampled draws or teacher sequences), evaluated in perplexity and 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -182,24 +182,28 @@ class TokenTask(Task):
         targets = ids[:, 1:].reshape(-1)[at]
         signal, t = self.signal, self.temperature
 
-        def terms(z: torch.Tensor, part: slice) -> dict[str, torch.Tensor]:
-            n = z.shape[0]
-            z, ones = z[None], torch.ones(1, n, dtype=torch.bool, device=z.device)
-            cols = {name: r[part][None] for name, r in rows.items()}
-            out = {}
-            if "ce" in self.terms:
-                out["ce"] = token_ce_loss(z, targets[part][None], ones) * n
-            if "kd" in self.terms:
-                if isinstance(signal, TopkRecord):
-                    step = signal.step if signal.values == "uint8" else None
-                    out["kd"] = self.topk_loss(z, cols[TOPK_INDICES], cols[TOPK_VALUES], cols[TOPK_LSE][..., self.lse_index],
-                                               ones, t, quantised_step=step) * n
-                elif isinstance(signal, SampledRecord):
-                    out["kd"] = sampled_kd_loss(z, cols[SAMPLED_INDICES], cols[SAMPLED_WEIGHTS], ones, t,
-                                                renormalise=signal.estimator != "priority") * n
-                else:
-                    out["kd"] = full_kd_loss(z, cols[LOGITS], ones, t) * n
-            return out
+        def ones(z: torch.Tensor) -> torch.Tensor:
+            return torch.ones(1, z.shape[0], dtype=torch.bool, device=z.device)
+
+        def col(name: str, part: slice) -> torch.Tensor:
+            return rows[name][part][None]
+
+        # Each term's sum over a chunk: the unfused formula's masked mean over the chunk alone, times its size.
+        terms: dict[str, Callable[[torch.Tensor, slice], torch.Tensor]] = {}
+        if "ce" in self.terms:
+            terms["ce"] = lambda z, p: token_ce_loss(z[None], targets[p][None], ones(z)) * z.shape[0]
+        if "kd" in self.terms:
+            if isinstance(signal, TopkRecord):
+                step = signal.step if signal.values == "uint8" else None
+                terms["kd"] = lambda z, p: self.topk_loss(
+                    z[None], col(TOPK_INDICES, p), col(TOPK_VALUES, p), col(TOPK_LSE, p)[..., self.lse_index], ones(z), t,
+                    quantised_step=step) * z.shape[0]
+            elif isinstance(signal, SampledRecord):
+                renormalise = signal.estimator != "priority"
+                terms["kd"] = lambda z, p: sampled_kd_loss(z[None], col(SAMPLED_INDICES, p), col(SAMPLED_WEIGHTS, p), ones(z), t,
+                                                           renormalise=renormalise) * z.shape[0]
+            else:
+                terms["kd"] = lambda z, p: full_kd_loss(z[None], col(LOGITS, p), ones(z), t) * z.shape[0]
 
         loss, parts = head_losses(hidden, output.weight, output.bias, terms, self.terms)
         return {"loss": loss, **parts}

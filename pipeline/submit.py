@@ -71,6 +71,14 @@ class SubmittedJob:
     name: str
 
 
+def _payload(cfg: PrecomputeConfig | TrainConfig | SweepConfig) -> dict:
+    """The config as the job validates it again: full logits nobody asked for stay unasked for there."""
+    payload = cfg.model_dump()
+    if getattr(cfg, "_implicit_full", False):
+        payload["outputs"]["logits"].pop("mode", None)
+    return payload
+
+
 def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig | SweepConfig, *, force: bool = False,
                  working_dir: str | None = None, log: Callable[[str], None] = print) -> SubmittedJob:
     """Submit one stage with its resolved config; returns at once with the job id.
@@ -94,7 +102,7 @@ def submit_stage(client, stage: str, cfg: PrecomputeConfig | TrainConfig | Sweep
             entrypoint=entrypoint,
             submission_id=job_id,
             runtime_env={"working_dir": str(Path(working_dir or os.getcwd()).resolve()), "excludes": EXCLUDES,
-                         "env_vars": {**JOB_ENV, CONFIG_ENV: json.dumps(cfg.model_dump())}},
+                         "env_vars": {**JOB_ENV, CONFIG_ENV: json.dumps(_payload(cfg))}},
             metadata={"distill_stage": stage, "distill_name": name},
             entrypoint_num_cpus=job.entrypoint_num_cpus,
             entrypoint_num_gpus=job.entrypoint_num_gpus,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from pipeline.config.base import NAME_PATTERN, PRIMARY_TEACHER, JobOptions, ModelSpec, StorageOptions, Strict, absolute
 from pipeline.config.source import ParquetSource, Source, TextSource
@@ -105,6 +105,7 @@ class TeacherSequences(Strict):
 
 LogitsOutput = Annotated[Union[FullLogits, TopkLogits, SampledLogits, TeacherSequences], Field(discriminator="mode")]
 LOGITS_MODES = ("full", "topk", "sampled", "sequences")
+FULL_LOGITS_VOCAB = 4096  # above this, a text cache stores full logits only with an explicit `mode: full`
 
 
 class TapOutput(Strict):
@@ -162,6 +163,26 @@ class PrecomputeConfig(Strict):
     # Custom Ray resources each teacher actor asks for, e.g. {"teacher_gpu": 1} to pin it to such nodes.
     actor_resources: dict[str, float] = Field(default_factory=dict)
     rows_per_shard: int = Field(50_000, ge=1)
+    # Full logits a text config got without writing `mode: full` (a `logits` block of only `dtype`):
+    # refused above FULL_LOGITS_VOCAB tokens, where they cost kilobytes a token.
+    _implicit_full: bool = PrivateAttr(False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _token_defaults(cls, data: Any, handler: Any) -> "PrecomputeConfig":
+        """A text source without `outputs.logits` gets the documented default for token caches, the
+        sampled signal; a `logits` block without `mode` still means full logits."""
+        implicit = False
+        if isinstance(data, dict) and isinstance(data.get("source"), dict) and data["source"].get("kind") == "text":
+            outputs = data.get("outputs") or {}
+            if isinstance(outputs, dict):
+                if outputs.get("logits") is None:
+                    data = {**data, "outputs": {**outputs, "logits": {"mode": "sampled"}}}
+                elif isinstance(outputs["logits"], dict) and "mode" not in outputs["logits"]:
+                    implicit = True
+        cfg = handler(data)
+        cfg._implicit_full = implicit
+        return cfg
 
     @model_validator(mode="after")
     def _consistent(self) -> "PrecomputeConfig":

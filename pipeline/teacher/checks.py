@@ -82,13 +82,16 @@ def validate_precompute(cfg: PrecomputeConfig) -> str:
     from pipeline.cache.manifest import manifest_uri
     from pipeline.models.factory import resolve_factory
     from pipeline.teacher.identity import resolve_target
+    from pipeline.teacher.sizing import check_token_outputs, token_cache_line
 
     for teacher in cfg.all_teachers.values():
         resolve_factory(teacher.factory)
     storage.check_reachable(cfg.cache_root, "cache root", cfg.storage)
     target = resolve_target(cfg)
+    check_token_outputs(cfg, target.source)
     check_teachers(cfg, target.source)
+    size = token_cache_line(cfg, target.source)
     rows = ", ".join(f"{split} {n}" for split, n in target.source.rows.items())
     state = "complete" if storage.exists(manifest_uri(target.uri), cfg.storage) else "not computed yet"
     return (f"source {target.source.kind}: {rows} rows, {target.source.num_classes} classes, input {list(target.source.input_shape)}; "
-            f"cache {target.uri} ({state})")
+            f"cache {target.uri} ({state})" + (f"; {size}" if size else ""))

@@ -28,6 +28,7 @@ from pipeline.teacher.identity import CacheTarget, resolve_target
 from pipeline.teacher.predictor import TeacherPredictor
 from pipeline.teacher.publish import publish
 from pipeline.teacher.resume import checkpointing, clear_attempts, committed_rows
+from pipeline.teacher.sizing import check_token_outputs, token_cache_line
 from pipeline.teacher.staging import stage_source
 from pipeline.teacher.writer import ShardNames
 
@@ -57,7 +58,11 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
     if not force and published():
         log(f"cache hit: {target.uri}")
         return _hit(cfg, target, log)
+    check_token_outputs(cfg, target.source)
     check_teachers(cfg, target.source)
+    size = token_cache_line(cfg, target.source)
+    if size:
+        log(size)
     for name, teacher in cfg.all_teachers.items():
         if teacher.weights is None:
             log(f"warning: teacher {name!r} has no `weights`; its outputs come from random initialisation")

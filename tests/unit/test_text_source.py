@@ -33,3 +33,47 @@ def test_token_modes_need_a_text_source_and_one_teacher():
                                          "outputs": {"logits": {"mode": "sampled", "temperatures": [1.0, 2.0]}}})
     with pytest.raises(ValueError, match="one teacher and no taps"):
         PrecomputeConfig.model_validate({"source": SOURCE, "teacher": teacher, "teachers": {"b": teacher}})
+
+
+def _info(vocab: int):
+    from pipeline.data.sources import SourceInfo
+
+    return SourceInfo(kind="text", fingerprint="f", num_classes=vocab, input_shape=(16,), rows={"train": 900, "val": 100})
+
+
+def test_a_text_cache_without_outputs_gets_the_sampled_default_and_its_size_is_printed_first():
+    from pipeline.teacher.sizing import check_token_outputs, token_cache_line
+
+    teacher = {"factory": "pipeline.models.lm:lm_tiny"}
+    cfg = PrecomputeConfig.model_validate({"source": SOURCE, "teacher": teacher})
+    assert cfg.outputs.logits.mode == "sampled" and cfg.outputs.logits.k == 25
+    check_token_outputs(cfg, _info(131_072))
+    # 25 draws of a uint32 id and a float16 weight; 16,000 tokens of 154 bytes with the input ids
+    assert token_cache_line(cfg, _info(131_072)) == (
+        "teacher signal: sampled at a vocabulary of 131,072, 150 raw bytes a token (+4 for the input ids); "
+        "about 2.5 MB before compression for 16,000 tokens")
+    assert "100 raw bytes a token" in token_cache_line(cfg, _info(2_048))  # uint16 ids
+    image = PrecomputeConfig.model_validate({"source": {"kind": "digits"}, "teacher": teacher})
+    assert image.outputs.logits.mode == "full" and token_cache_line(image, _info(10)) is None
+
+
+def test_full_logits_at_a_large_vocabulary_need_an_explicit_mode():
+    from pipeline.errors import DistillError
+    from pipeline.submit import _payload
+    from pipeline.teacher.sizing import check_token_outputs
+
+    teacher = {"factory": "pipeline.models.lm:lm_tiny"}
+    implicit = PrecomputeConfig.model_validate({"source": SOURCE, "teacher": teacher, "outputs": {"logits": {"dtype": "float16"}}})
+    assert implicit.outputs.logits.mode == "full"
+    check_token_outputs(implicit, _info(4_096))  # a small vocabulary: full logits are fine
+    with pytest.raises(DistillError) as e:
+        check_token_outputs(implicit, _info(32_000))
+    assert "64,000 bytes a token, 1.0 GB for this source" in e.value.problem and "mode: full" in e.value.fix
+    # the job submitted for it validates the config again, and refuses the same way
+    again = PrecomputeConfig.model_validate(_payload(implicit))
+    with pytest.raises(DistillError):
+        check_token_outputs(again, _info(32_000))
+    explicit = PrecomputeConfig.model_validate({"source": SOURCE, "teacher": teacher,
+                                                "outputs": {"logits": {"mode": "full", "dtype": "float16"}}})
+    check_token_outputs(explicit, _info(32_000))
+    check_token_outputs(PrecomputeConfig.model_validate(_payload(explicit)), _info(32_000))

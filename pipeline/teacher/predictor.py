@@ -57,6 +57,11 @@ class TeacherPredictor:
             return self._encode(batch)
         except DistillError:
             raise
+        except torch.OutOfMemoryError as e:  # the batch, not a row: retrying rows one by one would only hide it
+            rows = len(batch[SAMPLE_ID])
+            raise DistillError(f"the teacher ran out of {self.device.type} memory on a batch of {rows} rows: {_first_line(e)}",
+                               f"lower batch_size (now {rows}; try {max(rows // 2, 1)}), or give each actor more "
+                               "memory (gpus_per_actor)") from None
         except Exception as e:  # noqa: BLE001 (whatever the user's model raises on the user's data)
             row, error = self._failing_row(batch, e)
             raise DistillError(f"the teacher failed on row {row!r}: {type(error).__name__}: {_first_line(error)}",

@@ -207,6 +207,10 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     student = transformers.AutoModelForCausalLM.from_pretrained(run / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
     assert tokenizer("def f():")["input_ids"] == load_tokenizer(f"{uri}/{TOKENIZER_FILE}").encode("def f():").ids
+    # special ids inside the cache's vocabulary, the same in the model, its generation config and the tokenizer
+    assert student.config.eos_token_id == student.config.bos_token_id == tokenizer.eos_token_id < 258
+    assert student.config.pad_token_id == tokenizer.pad_token_id < 258
+    assert student.generation_config.eos_token_id == tokenizer.eos_token_id
     state = torch.load(run / "student.pt", weights_only=True)
     wrapped = build_model(ModelSpec.model_validate(train["student"]), input_shape=(16,), num_classes=258)
     wrapped.load_state_dict(state)

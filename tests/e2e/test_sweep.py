@@ -91,7 +91,7 @@ def test_four_trials_with_early_stopping_write_results_a_table_and_the_best_conf
 def test_a_killed_driver_resumes_the_unfinished_trials_and_keeps_the_finished(cluster):
     gcs, _, root = cluster
     # Trials run one at a time in this order; only the second, the one the kill lands in, is long.
-    long = 60
+    long = 150
     path = _sweep(root, "killed", set={"epochs": 3}, grid={"loss.temperature": [1.0]},
                   also=[{"loss.temperature": 2.0, "epochs": long}, {"loss.temperature": 4.0}, {"alpha": 0.0}],
                   max_concurrent_trials=1)

@@ -150,62 +150,44 @@ class TokenTask(Task):
         return self.sequence(batch)[1].sum()
 
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
-        if isinstance(output, Hidden):
-            return self._fused_losses(output, batch)
-        logits, signal = output, self.signal
         ids, mask = self.sequence(batch)
-        parts: dict[str, torch.Tensor] = {}
-        if "ce" in self.terms:
-            parts["ce"] = token_ce_loss(logits, ids[:, 1:], mask)
-        if "kd" in self.terms:
-            t = self.temperature
-            if isinstance(signal, TopkRecord):
-                step = signal.step if signal.values == "uint8" else None
-                parts["kd"] = self.topk_loss(logits, batch[TOPK_INDICES], batch[TOPK_VALUES], batch[TOPK_LSE][..., self.lse_index],
-                                             mask, t, quantised_step=step)
-            elif isinstance(signal, SampledRecord):
-                parts["kd"] = sampled_kd_loss(logits, batch[SAMPLED_INDICES], batch[SAMPLED_WEIGHTS], mask, t,
-                                              renormalise=signal.estimator != "priority")
-            else:
-                parts["kd"] = full_kd_loss(logits, batch[LOGITS], mask, t)
+        if isinstance(output, Hidden):
+            return self._fused_losses(output, ids, mask, batch)
+        parts = {name: self._term(name, output, ids[:, 1:], batch, mask) for name in self.terms}
         total = sum(self.terms[n] * parts[n] for n in self.terms)
         return {"loss": total, **parts}  # type: ignore[dict-item]
 
-    def _fused_losses(self, output: Hidden, batch: Batch) -> dict[str, torch.Tensor]:
+    def _term(self, name: str, logits: torch.Tensor, targets: torch.Tensor, cols: Mapping[str, torch.Tensor],
+              mask: torch.Tensor) -> torch.Tensor:
+        """One loss term's masked mean: `ce` on the targets, or `kd` from the cache mode's columns."""
+        if name == "ce":
+            return token_ce_loss(logits, targets, mask)
+        signal, t = self.signal, self.temperature
+        if isinstance(signal, TopkRecord):
+            step = signal.step if signal.values == "uint8" else None
+            return self.topk_loss(logits, cols[TOPK_INDICES], cols[TOPK_VALUES], cols[TOPK_LSE][..., self.lse_index],
+                                  mask, t, quantised_step=step)
+        if isinstance(signal, SampledRecord):
+            return sampled_kd_loss(logits, cols[SAMPLED_INDICES], cols[SAMPLED_WEIGHTS], mask, t,
+                                   renormalise=signal.estimator != "priority")
+        return full_kd_loss(logits, cols[LOGITS], mask, t)
+
+    def _fused_losses(self, output: Hidden, ids: torch.Tensor, mask: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """The same terms, the head applied inside the loss a chunk of the positions that count at a
-        time (losses/fused.py): each chunk's terms are the unfused formulas on that chunk alone."""
-        ids, mask = self.sequence(batch)
-        at = mask.reshape(-1).nonzero().squeeze(1)
-        hidden = output.hidden.reshape(-1, output.hidden.shape[-1])[at]
+        time (losses/fused.py): each chunk's term is the unfused formula on that chunk alone."""
+        at, hidden = _counted(output, mask)
         # The cache's per-token columns ((B, L, ...): ids, weights, values, log-normalisers) at those positions.
         rows = {name: batch[name].flatten(0, 1)[at] for name in self.signal.columns if name in batch and batch[name].ndim >= 2}
         targets = ids[:, 1:].reshape(-1)[at]
-        signal, t = self.signal, self.temperature
 
-        def ones(z: torch.Tensor) -> torch.Tensor:
-            return torch.ones(1, z.shape[0], dtype=torch.bool, device=z.device)
+        def chunk_sum(name: str) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+            def term(z: torch.Tensor, part: slice) -> torch.Tensor:
+                ones = torch.ones(1, z.shape[0], dtype=torch.bool, device=z.device)
+                cols = {c: r[part][None] for c, r in rows.items()}
+                return self._term(name, z[None], targets[part][None], cols, ones) * z.shape[0]
+            return term
 
-        def col(name: str, part: slice) -> torch.Tensor:
-            return rows[name][part][None]
-
-        # Each term's sum over a chunk: the unfused formula's masked mean over the chunk alone, times its size.
-        terms: dict[str, Callable[[torch.Tensor, slice], torch.Tensor]] = {}
-        if "ce" in self.terms:
-            terms["ce"] = lambda z, p: token_ce_loss(z[None], targets[p][None], ones(z)) * z.shape[0]
-        if "kd" in self.terms:
-            if isinstance(signal, TopkRecord):
-                step = signal.step if signal.values == "uint8" else None
-                terms["kd"] = lambda z, p: self.topk_loss(
-                    z[None], col(TOPK_INDICES, p), col(TOPK_VALUES, p), col(TOPK_LSE, p)[..., self.lse_index], ones(z), t,
-                    quantised_step=step) * z.shape[0]
-            elif isinstance(signal, SampledRecord):
-                renormalise = signal.estimator != "priority"
-                terms["kd"] = lambda z, p: sampled_kd_loss(z[None], col(SAMPLED_INDICES, p), col(SAMPLED_WEIGHTS, p), ones(z), t,
-                                                           renormalise=renormalise) * z.shape[0]
-            else:
-                terms["kd"] = lambda z, p: full_kd_loss(z[None], col(LOGITS, p), ones(z), t) * z.shape[0]
-
-        loss, parts = head_losses(hidden, output.weight, output.bias, terms, self.terms)
+        loss, parts = head_losses(hidden, output.weight, output.bias, {n: chunk_sum(n) for n in self.terms}, self.terms)
         return {"loss": loss, **parts}
 
     @torch.inference_mode()
@@ -225,10 +207,10 @@ class TokenTask(Task):
                 top1 = torch.full_like(ids[:, 1:], -1)
                 total["no_teacher"] = 1.0
             if isinstance(output, Hidden):  # the head applied a chunk of the counted positions at a time
-                at = mask.reshape(-1).nonzero().squeeze(1)
+                at, hidden = _counted(output, mask)
                 targets, top1 = ids[:, 1:].reshape(-1)[at], top1.reshape(-1)[at]
                 ones = torch.ones(1, len(at), dtype=torch.bool, device=ids.device)
-                sums = head_sums(output.hidden.reshape(-1, output.hidden.shape[-1])[at], output.weight, output.bias,
+                sums = head_sums(hidden, output.weight, output.bias,
                                  lambda z, p: lm_eval_sums(z[None], targets[p][None], ones[:, p], top1[p][None]))
             else:
                 sums = lm_eval_sums(output, ids[:, 1:], mask, top1)
@@ -243,6 +225,12 @@ class TokenTask(Task):
         if "val_agreement" in self.result_metrics and "no_teacher" not in total:
             out["val_agreement"] = total.get("agree", math.nan) / tokens
         return out
+
+
+def _counted(output: Hidden, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices of the positions that count, their hidden states (N, H)): padding never meets the head."""
+    at = mask.reshape(-1).nonzero().squeeze(1)
+    return at, output.hidden.reshape(-1, output.hidden.shape[-1])[at]
 
 
 def lm_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,10 +67,27 @@ def ray_head(python: str, env: dict[str, str], num_cpus: int = 4):
             time.sleep(0.5)
         yield f"127.0.0.1:{gcs}", url
     finally:
-        pids = _processes_of(temp_dir)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(2)
+        stop(_processes_of(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop(pids: set[int], grace: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still running after `grace` seconds (not a fixed wait: most
+    of a cluster's processes exit within a fraction of a second)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+        pids = {p for p in pids if _alive(p)}
+        if not pids:
+            return

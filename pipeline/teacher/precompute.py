@@ -46,6 +46,7 @@ class PrecomputeResult:
 def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str | None = None,
                    log: Log = print) -> PrecomputeResult:
     """Compute (or find) the cache for `cfg`. A second call with the same content inputs does no teacher work."""
+    cfg = cfg.with_absolute_paths()  # relative to this driver's directory: actors on a cluster run elsewhere
     for teacher in cfg.all_teachers.values():  # fail on a typo before hashing weights or starting Ray
         resolve_factory(teacher.factory)
     opts = cfg.storage

@@ -4,27 +4,17 @@ one line saying what to set, and nothing is submitted."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import yaml
 
 from tests.cli import distill
-from tests.raycluster import ray_head
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "HOME": os.environ["HOME"], "RAY_AUTH_MODE": "token"}
-    with ray_head(sys.executable, env) as (gcs, url):
-        yield gcs, url
+def cluster(head):
+    return head.gcs, head.url
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,34 +17,35 @@ import yaml
 from pipeline.config import load_train_config
 from tests.cli import DISTILL, distill
 from tests.conftest import DIGITS_KD, DIGITS_PRECOMPUTE, write_yaml
-from tests.raycluster import ray_head
+from deploy.local.s3 import moto_s3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 ENV = {"RAY_AUTH_MODE": "token"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A one-node cluster and a digits cache computed on it."""
-    import ray
+def s3(head):
+    with moto_s3() as (endpoint, fs):
+        yield endpoint, fs
 
-    if ray.is_initialized():  # the integration session's local Ray; this test needs its own cluster
-        ray.shutdown()
+
+@pytest.fixture(scope="module")
+def cluster(head, tmp_path_factory):
+    """The one-node cluster and a digits cache computed on it."""
+    gcs, url = head.gcs, head.url
     root = tmp_path_factory.mktemp("sweep")
     pre = yaml.safe_load(open(DIGITS_PRECOMPUTE))
     pre["teacher"]["weights"] = str(root / "teacher.pt")
     pre["teacher"]["fit"]["epochs"] = 5
     pre["cache_root"] = str(root / "cache")
     pre_path = write_yaml(root / "precompute.yaml", pre)
-    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "HOME": os.environ["HOME"], **ENV}
-    with ray_head(sys.executable, env) as (gcs, url):
-        assert distill("fit-teacher", pre_path, env=ENV).code == 0
-        ran = distill("precompute", pre_path, "--address", gcs, env=ENV)
-        assert ran.code == 0, ran.err[-3000:]
-        train = yaml.safe_load(open(DIGITS_KD))
-        train.update(precompute=pre_path, storage_path=str(root / "runs"), num_workers=1, cpus_per_worker=1)
-        write_yaml(root / "train.yaml", train)
-        yield gcs, url, root
+    assert distill("fit-teacher", pre_path, env=ENV).code == 0
+    ran = distill("precompute", pre_path, "--address", gcs, env=ENV)
+    assert ran.code == 0, ran.err[-3000:]
+    train = yaml.safe_load(open(DIGITS_KD))
+    train.update(precompute=pre_path, storage_path=str(root / "runs"), num_workers=1, cpus_per_worker=1)
+    write_yaml(root / "train.yaml", train)
+    return gcs, url, root
 
 
 def _sweep(root, name: str, **fields) -> str:
@@ -131,22 +131,30 @@ def test_a_killed_driver_resumes_the_unfinished_trials_and_keeps_the_finished(cl
     assert again.code == 2 and "already exists" in again.one_line_error() and "--resume" in again.err
 
 
-def test_submitted_sweep_of_multi_worker_students_runs_ray_train_trials(cluster):
+def test_submitted_sweep_of_multi_worker_students_runs_ray_train_trials_into_s3(cluster, s3):
+    """A sweep job whose trials are 2-worker Ray Train runs, its folder in a bucket."""
     _, url, root = cluster
-    path = _sweep(root, "submitted", set={"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "in_memory": False},
-                  grid={"alpha": [0.0, 0.7]}, max_concurrent_trials=2)
+    endpoint, fs = s3
+    train = yaml.safe_load((root / "train.yaml").read_text())
+    write_yaml(root / "train-s3.yaml", {**train, "storage": {"endpoint_url": endpoint}})
+    path = write_yaml(root / "submitted.yaml", {
+        "train": "train-s3.yaml", "name": "submitted", "storage_path": "s3://distill/sweeps", "max_concurrent_trials": 2,
+        "set": {"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "in_memory": False}, "grid": {"alpha": [0.0, 0.7]}})
     ran = distill("submit", "sweep", path, "--address", url, "--wait", "--working-dir", str(root), env=ENV)
     assert ran.code == 0, (ran.out + ran.err)[-3000:]
     assert "sweep job" in ran.out and "succeeded" in ran.out and "(train trials)" in ran.out and "trial 2/2" in ran.out
-    sweep_dir = root / "sweeps" / "submitted"
-    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    sweep_dir = "distill/sweeps/submitted"
+    summary = json.loads(fs.cat(f"{sweep_dir}/sweep.json"))
     trials = summary["trials"]
     assert summary["trial_mode"] == "train" and sorted(t["alpha"] for t in trials) == [0.0, 0.7]
     assert all(t["status"] == "finished" and t["epochs"] == 2 for t in trials)
     for t in trials:  # each trial a 2-worker Ray Train run, its checkpoints in the trial's folder
-        result = json.loads((sweep_dir / "trials" / t["trial_id"] / "result.json").read_text())
+        trial_dir = f"{sweep_dir}/trials/{t['trial_id']}"
+        assert t["run_dir"] == f"s3://{trial_dir}"
+        result = json.loads(fs.cat(f"{trial_dir}/result.json"))
         assert result["num_workers"] == 2 and result["workers_with_teacher"] == 0
-        assert result["checkpoint"].startswith(str(sweep_dir / "trials" / t["trial_id"]))
-        assert (sweep_dir / "trials" / t["trial_id"] / "student.pt").exists()
-    assert load_train_config(str(sweep_dir / "best.yaml")).cache  # a cache URI, not the precompute config
-
+        assert result["checkpoint"].startswith(f"s3://{trial_dir}/") and fs.exists(f"{trial_dir}/student.pt")
+    best = yaml.safe_load(fs.cat(f"{sweep_dir}/best.yaml"))
+    assert best["cache"] == summary["cache"] and best["storage"]["endpoint_url"] == endpoint  # a cache URI, not the precompute config
+    report = distill("report", f"s3://{sweep_dir}", "--endpoint-url", endpoint, env=ENV)
+    assert report.code == 0 and fs.exists(f"{sweep_dir}/report.html"), report.err[-3000:]

@@ -179,9 +179,10 @@ def test_a_separate_validation_table(folder):
     _fails(folder, "pre.yaml", "300 duplicate id(s)")
 
 
-def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder):
+def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder, head):
     """val_fraction 0: a cache with no validation split, a student trained without per-epoch evaluation,
-    then scored with `distill evaluate` on the user's own held-out table."""
+    then scored with `distill evaluate` on the user's own held-out table. Both stages run on a cluster
+    the shell names in RAY_ADDRESS (the other tests' commands start a local Ray of their own)."""
     _table(folder / "digits.parquet", n=1500)
     from sklearn.datasets import load_digits
 
@@ -196,7 +197,7 @@ def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder):
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 4, "num_workers": 1, "cpus_per_worker": 0.5,
         "storage_path": "runs", "name": "all-rows"}))
     for args in (["precompute", name], ["train", "train.yaml"]):
-        ran = distill(*args, cwd=str(folder))
+        ran = distill(*args, cwd=str(folder), env=head.env)
         assert ran.code == 0, ran.err[-3000:]
     import json
 

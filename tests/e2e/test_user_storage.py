@@ -26,8 +26,9 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def made(s3, tmp_path_factory):
-    """A digits teacher, its cache (written by Ray: tensor columns) and a student run whose storage is S3."""
+def made(s3, head, tmp_path_factory):
+    """A digits teacher, its cache (written by Ray: tensor columns) and a student run whose storage is S3,
+    both stages on the cluster RAY_ADDRESS names."""
     endpoint, fs = s3
     root = tmp_path_factory.mktemp("user")
     pre = yaml.safe_load(open(DIGITS_PRECOMPUTE))
@@ -39,7 +40,7 @@ def made(s3, tmp_path_factory):
              "storage": {"endpoint_url": endpoint}}
     (root / "train.yaml").write_text(yaml.safe_dump(train))
     for args in (["fit-teacher", "precompute.yaml"], ["precompute", "precompute.yaml"], ["train", "train.yaml"]):
-        ran = distill(*args, cwd=str(root))
+        ran = distill(*args, cwd=str(root), env=head.env)
         assert ran.code == 0, ran.err[-3000:]
     cache = next(p for p in (root / "cache").iterdir() if not p.name.startswith("_"))
     fs.put(str(cache), f"distill/cache/{cache.name}", recursive=True)

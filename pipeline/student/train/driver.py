@@ -49,6 +49,7 @@ def run_train(cfg: TrainConfig, *, address: str | None = None, existing: Existin
     With `existing="resume"` a started run continues from its latest checkpoint (Ray Train restores
     a run started again with the same name and storage path) and a finished one is not retrained.
     """
+    cfg = cfg.with_absolute_paths()  # relative to this driver's directory: workers on a cluster run elsewhere
     ready = prepare(cfg)
     run_dir = run_dir_of(cfg)
     if existing == "resume" and rundir.finished(run_dir, cfg.storage):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
 from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
 from pipeline.teacher.generate import generate
-from pipeline.teacher.grouping import grouped_forward
+from pipeline.teacher.chunked import encode_in_chunks, logit_chunks
 
 
 class TeacherPredictor:
@@ -108,16 +108,23 @@ class TeacherPredictor:
             return out
         lengths = np.asarray(batch[LENGTH]) if LENGTH in batch else np.full(len(ids), ids.shape[1])
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
-            logits = grouped_forward(model, ids[:, :-1], lengths)
-        if isinstance(spec, FullLogits):
-            out[logits_column(name)] = encode_full_logits(logits.float(), spec.dtype)
-        elif isinstance(spec, TopkLogits):
-            out.update(encode_topk(logits.float(), spec.k, spec.temperatures, spec.values, spec.step))
-        elif isinstance(spec, SampledLogits):
-            gen = self._generator(batch, spec.seed)
-            out.update(encode_sampled(logits.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature,
-                                      spec.estimator, spec.head))
+            encoded = encode_in_chunks(logit_chunks(model, ids[:, :-1], lengths), self._encoder(spec, name, batch),
+                                       ids.shape[0], ids.shape[1] - 1)
+        out.update(encoded)
         return out
+
+    def _encoder(self, spec: LogitsOutput, name: str,
+                 batch: dict[str, np.ndarray]) -> Callable[[torch.Tensor], dict[str, np.ndarray]]:
+        """(1, n, V) logits of a chunk of positions -> that chunk's columns in the mode's form."""
+        if isinstance(spec, FullLogits):
+            return lambda z: {logits_column(name): encode_full_logits(z.float(), spec.dtype)}
+        if isinstance(spec, TopkLogits):
+            return lambda z: encode_topk(z.float(), spec.k, spec.temperatures, spec.values, spec.step)
+        if isinstance(spec, SampledLogits):
+            gen = self._generator(batch, spec.seed)  # one generator for the batch's chunks, drawn in order
+            return lambda z: encode_sampled(z.float(), spec.k, spec.temperatures[0], gen, spec.proposal_temperature,
+                                            spec.estimator, spec.head)
+        raise TypeError(f"unknown logits output {type(spec).__name__}")
 
     def _generator(self, batch: dict[str, np.ndarray], seed: int) -> torch.Generator:
         """Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike)."""

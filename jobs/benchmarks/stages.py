@@ -16,6 +16,9 @@
     N students trained with online KD (the teacher's forward in every step, a plain PyTorch
     loop with no Ray cost at all), N = 1, 4, 8, teacher >= 10x the student's FLOPs.
     Target at N = 4: <= 0.35.
+(d) Stage 1 of a language-model teacher at V = 2,048, 32,768 and 131,072 (jobs/benchmarks/lmvocab.py):
+    the teacher actor's rows/s over a bare forward loop (target >= 0.9), its peak memory over one
+    chunk's logits, and the default signal's stored bytes a token at 131,072 over 2,048 (<= 1.15).
 
 Writes runs/bench/stages.json, runs/bench/stages.md and runs/bench/history/stages-<time>.json,
 then exits 1 naming every ratio that missed its target.
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from jobs.benchmarks import dataread
+from jobs.benchmarks import dataread, lmvocab
 from jobs.benchmarks.common import (AMORT_STUDENT, INPUT, Target, cached_logits, fit_amortisation_teacher, kd_task, kd_train,
                                     machine, machine_line, missed, mnist, model_of, online_kd_student, precompute_config, spec,
                                     targets, tensors, train_in_memory, write_json, write_report)
@@ -55,6 +58,8 @@ TARGETS = targets(
     Target("amortisation_n4", "<=", 0.35),
     *(Target(f"read_amplification_{w}", "<=", 1.05) for w in dataread.WORKERS),
     Target("eval_seconds_2_over_1", "<=", 0.65),
+    Target("lm_vocab_rows_per_s_ratio", ">=", 0.9),
+    Target("lm_vocab_stored_bytes_131k_over_2k", "<=", 1.15),
 )
 STAGE2_STUDENT = {"factory": "pipeline.models.builtin:mnist_cnn", "kwargs": {"width": 32}}
 STAGE2_SMALL = {"factory": "pipeline.models.builtin:cnn_student", "kwargs": {"width": 32, "hidden": 128}}
@@ -237,7 +242,9 @@ def check(report: dict[str, Any], on_gpu: bool) -> list[str]:
               "student_stage_efficiency_2_workers": report.get("student_stage_efficiency_2_workers"),
               **{f"read_amplification_{w}": report.get("read_amplification", {}).get(str(w)) for w in dataread.WORKERS},
               "eval_seconds_2_over_1": report.get("eval_seconds_2_over_1"),
-              "amortisation_n4": next((p["offline_over_online"] for p in report.get("amortisation", []) if p["n_students"] == 4), None)}
+              "amortisation_n4": next((p["offline_over_online"] for p in report.get("amortisation", []) if p["n_students"] == 4), None),
+              "lm_vocab_rows_per_s_ratio": report.get("lm_vocab", {}).get("rows_per_s_ratio_min"),
+              "lm_vocab_stored_bytes_131k_over_2k": report.get("lm_vocab", {}).get("stored_bytes_largest_over_smallest")}
     table = {**TARGETS, "teacher_stage_efficiency": Target("teacher_stage_efficiency", ">=", 0.9)} if on_gpu else TARGETS
     return missed(values, table)
 
@@ -277,6 +284,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "| students | offline: one teacher pass + N runs | online KD: N runs | offline / online |", "|---|---|---|---|"]
         lines += [f"| {p['n_students']} | {p['offline_s']:.0f} s | {p['online_s']:.0f} s | **{p['offline_over_online']:.2f}** |"
                   for p in am["points"]]
+    if lm := report["details"].get("lm_vocab"):
+        lines += ["", *lmvocab.markdown(lm)]
     if report["missed"]:
         lines += ["", "Missed: " + "; ".join(report["missed"])]
     return "\n".join(lines) + "\n"
@@ -285,7 +294,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--only", default="stage1,stage2,stage2_scale,amortisation", help="comma-separated sections to run")
+    parser.add_argument("--only", default="stage1,stage2,stage2_scale,amortisation,lm_vocab", help="comma-separated sections to run")
     parser.add_argument("--scale-shard-rows", type=int, default=250, help="rows a shard of the stage2_scale cache")
     parser.add_argument("--batch-size", type=int, default=256, help="stage 1 teacher batch size")
     parser.add_argument("--stage1-width", type=int, default=192, help="stage 1 heavy_cnn width")
@@ -316,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             details["stage2_scale"] = dataread.stage2_scale(work, args, data)
         if "amortisation" in sections:
             details["amortisation"] = amortisation(work, args, data)
+        if "lm_vocab" in sections:
+            details["lm_vocab"] = lmvocab.section()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report: dict[str, Any] = {
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
            if "stage2_scale" in details else {}),
         **({"amortisation": [{"n_students": p["n_students"], "offline_over_online": p["offline_over_online"]}
                              for p in details["amortisation"]["points"]]} if "amortisation" in details else {}),
+        **({"lm_vocab": {k: v for k, v in details["lm_vocab"].items() if k != "teacher"}} if "lm_vocab" in details else {}),
         "targets": {t.name: {"value": t.threshold, "kind": t.kind} for t in TARGETS.values()},
         "details": details,
         "wall_s": time.time() - started,

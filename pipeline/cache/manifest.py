@@ -90,6 +90,7 @@ class TopkRecord(_Output):
     step: float
     shape: list[int]
     bytes_per_token: float
+    index_bits: int | None = None  # ids packed at this width (pipeline/cache/packing.py); None: uint columns
 
 
 class SampledRecord(_Output):
@@ -105,6 +106,7 @@ class SampledRecord(_Output):
     head: int = 0
     shape: list[int]
     bytes_per_token: float
+    index_bits: int | None = None  # ids packed at this width (pipeline/cache/packing.py); None: uint columns
 
 
 class SequencesRecord(_Output):

@@ -10,7 +10,9 @@ import torch
 from pydantic import TypeAdapter
 
 from pipeline import storage
-from pipeline.cache.schema import INPUT_IDS, LENGTH, SAMPLE_ID, TEACHER_SEQUENCE, X, logits_column, tap_column
+from pipeline.cache.packing import index_bits, pack_ids
+from pipeline.cache.schema import (INPUT_IDS, LENGTH, SAMPLE_ID, SAMPLED_INDICES, TEACHER_SEQUENCE, TOPK_INDICES, X, logits_column,
+                                   tap_column)
 from pipeline.config import FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
@@ -41,6 +43,7 @@ class TeacherPredictor:
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
+        self.num_classes = num_classes
 
     def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
         """The teacher on this actor's device; an HF teacher on an actor with several GPUs is spread
@@ -110,6 +113,10 @@ class TeacherPredictor:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
             encoded = encode_in_chunks(logit_chunks(model, ids[:, :-1], lengths), self._encoder(spec, name, batch),
                                        ids.shape[0], ids.shape[1] - 1)
+        bits = index_bits(self.num_classes)
+        for column in (TOPK_INDICES, SAMPLED_INDICES):
+            if bits and column in encoded:  # above 65,536 tokens: ceil(log2 V) bits an id, not uint32
+                encoded[column] = pack_ids(encoded[column], bits)
         out.update(encoded)
         return out
 

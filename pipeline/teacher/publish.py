@@ -20,6 +20,7 @@ from pipeline.cache.manifest import (
     TopkRecord,
     write_manifest,
 )
+from pipeline.cache.packing import index_bits
 from pipeline.cache.schema import TOKEN_MODE_COLUMNS, TOKENIZER_FILE, logits_column, tap_column
 from pipeline.cache.shards import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PRIMARY_TEACHER, ModelSpec, PrecomputeConfig, TextSource
@@ -39,6 +40,8 @@ def outputs_records(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str
         columns = TOKEN_MODE_COLUMNS[spec.mode]
         row_bytes = sum(per_row.get(c, 0.0) for c in columns)
         fields = spec.model_dump(exclude={"mode"})
+        if spec.mode in ("topk", "sampled"):
+            fields["index_bits"] = index_bits(vocab)
         return [_TOKEN_RECORDS[spec.mode](teacher=PRIMARY_TEACHER, columns=columns, shape=[cfg.source.seq_len, vocab],
                                           bytes_per_row=round(row_bytes, 1),
                                           bytes_per_token=round(row_bytes / cfg.source.seq_len, 2), **fields)]

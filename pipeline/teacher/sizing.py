@@ -3,6 +3,7 @@ projected size, and a refusal of full logits that nobody asked for at a large vo
 
 from __future__ import annotations
 
+from pipeline.cache.packing import index_bits
 from pipeline.config import PrecomputeConfig, TextSource
 from pipeline.config.precompute import FULL_LOGITS_VOCAB, FullLogits, SampledLogits, TeacherSequences, TopkLogits
 from pipeline.data.sources import SourceInfo
@@ -14,7 +15,8 @@ INPUT_BYTES = 4  # the window's int32 token ids, stored with every signal
 
 def signal_bytes_per_token(logits, vocab: int, seq_len: int) -> float:
     """Raw (uncompressed) bytes of the teacher signal for one token."""
-    ids = index_dtype(vocab).itemsize
+    bits = index_bits(vocab)
+    ids = bits / 8 if bits else index_dtype(vocab).itemsize
     if isinstance(logits, FullLogits):
         return vocab * (2 if logits.dtype == "float16" else 4)
     if isinstance(logits, TopkLogits):

@@ -124,7 +124,7 @@ def test_a_pattern_that_matches_nothing_names_the_columns(folder):
 
 
 def test_weights_that_do_not_fit_the_factory_fail_in_seconds(folder):
-    took = _fails(folder, _config(folder, teacher={"kwargs": {"width": 16}}), "weights teacher.pt do not fit",
+    took = _fails(folder, _config(folder, teacher={"kwargs": {"width": 16}}), "teacher.pt do not fit",
                   "size mismatch", command="precompute")
     assert took < 20
 

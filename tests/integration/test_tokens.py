@@ -217,3 +217,52 @@ def test_hugging_face_teacher_from_a_local_directory(ray_session, tmp_path):
     probe = torch.from_numpy(ids[:2, :-1])
     with torch.inference_mode():
         torch.testing.assert_close(student(probe).logits, wrapped.eval()(probe))
+
+
+def test_ids_above_65535_travel_packed_through_both_stages(ray_session, tmp_path):
+    """A 70,000-token vocabulary (a word-level tokenizer made here): stage 1 stores top-k ids at 17
+    bits each, they are the teacher's own top-k, and a student trains from them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pipeline.cache.packing import packed_bytes, unpack_ids
+    from pipeline.models.factory import save_state
+    from pipeline.models.lm import causal_lm
+
+    vocab = 70_000
+    words = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for d in range(12):  # uniform words: a tenth of the ids are above 65,535
+        (docs / f"doc{d}.txt").write_text(" ".join(f"w{i}" for i in rng.integers(2, vocab, 200)))
+    teacher = {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_layers": 1, "n_heads": 2},
+               "weights": str(tmp_path / "teacher.pt")}
+    torch.manual_seed(0)
+    save_state(causal_lm(num_classes=vocab, input_shape=(16,), d_model=16, n_layers=1, n_heads=2), teacher["weights"])
+    pre = write_yaml(tmp_path / "pre.yaml", {
+        "source": {"kind": "text", "files": [str(docs)], "seq_len": 16, "val_fraction": 0.25,
+                   "tokenizer": {"uri": str(tmp_path / "tokenizer.json")}},
+        "teacher": teacher, "outputs": {"logits": {"mode": "topk", "k": 4, "temperatures": [1.0]}},
+        "cache_root": str(tmp_path / "cache"), "batch_size": 32})
+    assert main(["precompute", pre]) == 0
+    cfg = load_precompute_config(pre)
+    m, table = _rows(resolve_target(cfg).uri, "train")
+    assert m.num_classes == vocab and m.logits().index_bits == 17
+    packed = column(table, TOPK_INDICES)
+    assert packed.dtype == np.uint8 and packed.shape[1:] == (packed_bytes(16 * 4, 17),)  # 136 bytes, not 256 as uint32
+    ids = unpack_ids(packed, 17, (16, 4))
+    model = build_model(ModelSpec.model_validate(teacher), input_shape=(16,), num_classes=vocab).eval()
+    with torch.inference_mode():
+        z = model(torch.from_numpy(column(table, INPUT_IDS)[:, :-1].astype(np.int64)))
+        top = z.to(torch.float16).float().topk(4, dim=-1).indices.numpy()  # the cache describes the float16 teacher
+    real = np.arange(16)[None, :] < column(table, LENGTH)[:, None] - 1
+    assert (ids[real] == top[real]).mean() > 0.99 and ids[real].max() > 65_535  # ties aside, the teacher's own
+    train = {"precompute": pre, "student": {"factory": "pipeline.models.lm:causal_lm", "kwargs": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
+             "loss": {"temperature": 1.0, "terms": {"kd": 0.5, "ce": 0.5}}, "epochs": 1, "batch_size": 16, "num_workers": 1,
+             "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs"), "name": "wide"}
+    assert main(["train", write_yaml(tmp_path / "train.yaml", train)]) == 0
+    result = json.loads((tmp_path / "runs" / "wide" / "result.json").read_text())
+    assert np.isfinite(result["history"][-1]["train_kd"]) and 0 <= result["metrics"]["val_agreement"] <= 1

@@ -48,10 +48,10 @@ def test_a_text_cache_without_outputs_gets_the_sampled_default_and_its_size_is_p
     cfg = PrecomputeConfig.model_validate({"source": SOURCE, "teacher": teacher})
     assert cfg.outputs.logits.mode == "sampled" and cfg.outputs.logits.k == 25
     check_token_outputs(cfg, _info(131_072))
-    # 25 draws of a uint32 id and a float16 weight; 16,000 tokens of 154 bytes with the input ids
+    # 25 draws of a 17-bit packed id and a float16 weight; 16,000 tokens of 107 bytes with the input ids
     assert token_cache_line(cfg, _info(131_072)) == (
-        "teacher signal: sampled at a vocabulary of 131,072, 150 raw bytes a token (+4 for the input ids); "
-        "about 2.5 MB before compression for 16,000 tokens")
+        "teacher signal: sampled at a vocabulary of 131,072, 103 raw bytes a token (+4 for the input ids); "
+        "about 1.7 MB before compression for 16,000 tokens")
     assert "100 raw bytes a token" in token_cache_line(cfg, _info(2_048))  # uint16 ids
     image = PrecomputeConfig.model_validate({"source": {"kind": "digits"}, "teacher": teacher})
     assert image.outputs.logits.mode == "full" and token_cache_line(image, _info(10)) is None

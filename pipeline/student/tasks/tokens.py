@@ -29,6 +29,7 @@ from pipeline.models.hf import saved_tokenizer
 from pipeline.models.hidden import Hidden, returns_hidden
 from pipeline.student.losses.fused import head_losses, head_sums
 from pipeline.student.tasks.base import Batch, Reduce, Task, alone
+from pipeline.student.tasks.ids import unpack_ids
 from pipeline.student.losses.tokens import (
     full_kd_loss,
     keep_masked,
@@ -65,6 +66,9 @@ class TokenTask(Task):
                                *(("val_agreement",) if isinstance(self.signal, (TopkRecord, FullLogitsRecord)) else ()))
         self.fused = False  # set by build_model: whether the student hands its head to the loss
         self.eval_batch_size = self._eval_rows()
+        bits = getattr(self.signal, "index_bits", None)  # ids packed above 65,536 tokens: read as bytes, unpacked here
+        self.packed = {c: (bits, (int(self.signal.shape[0]), self.signal.k))
+                       for c in (TOPK_INDICES, SAMPLED_INDICES) if bits and c in self.signal.columns}
 
     def _eval_rows(self) -> int:
         """Rows an evaluation batch holds: a budget of tokens (hidden states, the head applied in
@@ -120,7 +124,14 @@ class TokenTask(Task):
         return [INPUT_IDS, LENGTH, *self.signal.columns]
 
     def dtypes(self) -> dict[str, torch.dtype]:
-        return {c: torch.int64 if c in _INT_COLUMNS else torch.float32 for c in self.columns()}
+        return {c: torch.uint8 if c in self.packed else torch.int64 if c in _INT_COLUMNS else torch.float32
+                for c in self.columns()}
+
+    def unpacked(self, batch: Batch) -> Batch:
+        """The batch with packed id columns as (B, L, k) int64 ids."""
+        if not self.packed:
+            return batch
+        return {**batch, **{c: unpack_ids(batch[c], *spec) for c, spec in self.packed.items() if c in batch}}
 
     def build_model(self) -> nn.Module:
         m = self.manifest
@@ -150,6 +161,7 @@ class TokenTask(Task):
         return self.sequence(batch)[1].sum()
 
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        batch = self.unpacked(batch)
         ids, mask = self.sequence(batch)
         if isinstance(output, Hidden):
             return self._fused_losses(output, ids, mask, batch)
@@ -196,7 +208,7 @@ class TokenTask(Task):
         the cache knows the teacher's argmax (full and top-k caches)."""
         model.eval()
         total: dict[str, float] = {}
-        for batch in batches:
+        for batch in map(self.unpacked, batches):
             ids, mask = lm_targets(batch)
             output = self.forward(model, ids[:, :-1])
             if isinstance(self.signal, TopkRecord) and TOPK_INDICES in batch:

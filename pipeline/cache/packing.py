@@ -33,7 +33,10 @@ def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
     flat = np.ascontiguousarray(ids).reshape(rows, -1).astype(np.uint64)
     if flat.size and int(flat.max()) >> bits:
         raise ValueError(f"an id of {int(flat.max())} does not fit {bits} bits")
-    bit_matrix = ((flat[..., None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    # One bit plane at a time: the teacher actor holds a byte per bit, not eight (a (rows, ids, bits) uint64).
+    bit_matrix = np.empty((*flat.shape, bits), dtype=np.uint8)
+    for b in range(bits):
+        bit_matrix[..., b] = (flat >> np.uint64(b)) & np.uint64(1)
     return np.packbits(bit_matrix.reshape(rows, -1), axis=-1, bitorder="little")
 
 

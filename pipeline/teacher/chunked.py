@@ -31,9 +31,10 @@ def logit_chunks(model: torch.nn.Module, inputs: torch.Tensor, lengths: np.ndarr
     hidden layer (models/hidden.py) applies its head per chunk, so no (B, L, V) tensor exists; any
     other module's logits are made whole and only the encoding is chunked."""
     batch, width = inputs.shape
-    real = (torch.arange(width, device=inputs.device)[None, :]
-            < torch.from_numpy(np.asarray(lengths) - 1).to(inputs.device)[:, None]).reshape(-1)
     if returns_hidden(model):
+        # The head's bias makes zero hidden states nonzero logits: zero them past each row's targets again.
+        real = (torch.arange(width, device=inputs.device)[None, :]
+                < torch.from_numpy(np.asarray(lengths) - 1).to(inputs.device)[:, None]).reshape(-1)
         heads: list[Hidden] = []
 
         def hidden_of(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class TeacherPredictor:
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
-        self.num_classes = num_classes
+        self.index_bits = index_bits(num_classes)  # ids packed above 65,536 tokens (pipeline/cache/packing.py)
 
     def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
         """The teacher on this actor's device; an HF teacher on an actor with several GPUs is spread
@@ -113,10 +113,9 @@ class TeacherPredictor:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
             encoded = encode_in_chunks(logit_chunks(model, ids[:, :-1], lengths), self._encoder(spec, name, batch),
                                        ids.shape[0], ids.shape[1] - 1)
-        bits = index_bits(self.num_classes)
         for column in (TOPK_INDICES, SAMPLED_INDICES):
-            if bits and column in encoded:  # above 65,536 tokens: ceil(log2 V) bits an id, not uint32
-                encoded[column] = pack_ids(encoded[column], bits)
+            if self.index_bits and column in encoded:  # ceil(log2 V) bits an id, not uint32
+                encoded[column] = pack_ids(encoded[column], self.index_bits)
         out.update(encoded)
         return out
 

@@ -8,12 +8,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.packing import packed_bytes
+
 
 def unpack_ids(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
     """(rows, bytes) uint8 -> (rows, *shape) int64: id i is bits [i * bits, (i + 1) * bits) of its
     row's little-endian stream (`pipeline.cache.packing.unpack_ids`, in torch)."""
     count = math.prod(shape)
-    if packed.shape[-1] != (count * bits + 7) // 8:
+    if packed.shape[-1] != packed_bytes(count, bits):
         raise ValueError(f"a packed row of {packed.shape[-1]} bytes does not hold {count} ids of {bits} bits")
     start = torch.arange(count, device=packed.device) * bits
     byte, shift = start >> 3, start & 7

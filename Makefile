@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage bench-lossmem cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage bench-lossmem bench-vocab gpu-check cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -61,6 +61,14 @@ bench-storage: $(STAMP)
 
 bench-lossmem: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.lossmem $(ARGS)
+
+bench-vocab: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.vocab $(ARGS)
+
+# On a GPU machine: its own python3 with torch, no .venv; WHEELS= a folder the other packages were
+# installed into (deploy/gpu/wheels.sh fetches them here).
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${WHEELS:+:$$WHEELS} $(PYTHON) -m jobs.benchmarks.gpu $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -20,11 +20,15 @@ def text_source(max_bytes: int, tokenizer_uri: str, seq_len: int) -> dict:
     return {"kind": "text", "seq_len": seq_len, "val_fraction": 0.1, "max_bytes": max_bytes, "tokenizer": {"uri": tokenizer_uri}}
 
 
-def teacher_config(work: str, teacher_bytes: int, epochs: int, vocab: int, seq_len: int = 64) -> PrecomputeConfig:
-    """The teacher's fit config, its tokenizer and weights trained first when missing."""
+def teacher_config(work: str, teacher_bytes: int, epochs: int, vocab: int, seq_len: int = 64,
+                   tokenizer_uri: str | None = None) -> PrecomputeConfig:
+    """The teacher's fit config, its tokenizer (trained on the teacher's stdlib prefix unless
+    `tokenizer_uri` names one) and weights trained first when missing."""
     os.makedirs(work, exist_ok=True)
     suffix = "" if vocab == 8192 else f"-v{vocab}"  # the 8,192 files predate the option
-    tok_uri = os.path.abspath(os.path.join(work, f"tokenizer-{teacher_bytes}{suffix}.json"))
+    if tokenizer_uri:
+        suffix += "-" + os.path.splitext(os.path.basename(tokenizer_uri))[0]
+    tok_uri = tokenizer_uri or os.path.abspath(os.path.join(work, f"tokenizer-{teacher_bytes}{suffix}.json"))
     if not storage.exists(tok_uri):
         print(f"== BPE {vocab} on the first {teacher_bytes / 1e6:.1f} MB of the standard library ==", flush=True)
         save_tokenizer(train_bpe(read_documents(None, max_bytes=teacher_bytes), vocab_size=vocab), tok_uri)

@@ -47,7 +47,7 @@ def logit_chunks(model: torch.nn.Module, inputs: torch.Tensor, lengths: np.ndarr
         step = chunk_positions(weight.shape[0], chunk_logits)
         for start in range(0, flat.shape[0], step):
             z = F.linear(flat[start:start + step], weight, bias)
-            yield z.masked_fill(~real[start:start + step, None], 0)
+            yield z.masked_fill_(~real[start:start + step, None], 0)  # z is this chunk's own buffer
         return
     logits = grouped_forward(model, inputs, lengths)
     flat = logits.reshape(batch * width, logits.shape[-1])

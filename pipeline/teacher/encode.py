@@ -203,11 +203,16 @@ def encode_sampled(
         ids, w = estimate(torch.softmax(flat / t_p, dim=-1), estimator, k, head, generator)
         return {SAMPLED_INDICES: _indices_to_numpy(ids.reshape(batch, length, k), vocab),
                 SAMPLED_WEIGHTS: w.reshape(batch, length, k).to(torch.float16).cpu().numpy()}
-    log_q = torch.log_softmax(flat / t_q, dim=-1)
-    draws = torch.multinomial(log_q.exp(), k, replacement=True, generator=generator)  # (N, k)
     if t_q == t_p:
+        # multinomial normalises its weights itself: exp(z/T - max) made in one buffer, exponentiated
+        # in place (a log-softmax and its exp would be two more (N, V) passes and allocations).
+        q = (flat - flat.amax(dim=-1, keepdim=True)).div_(t_q).exp_()
+        draws = torch.multinomial(q, k, replacement=True, generator=generator)  # (N, k)
+        del q
         log_ratio = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device)
     else:
+        log_q = torch.log_softmax(flat / t_q, dim=-1)
+        draws = torch.multinomial(log_q.exp(), k, replacement=True, generator=generator)  # (N, k)
         log_p = torch.log_softmax(flat / t_p, dim=-1)
         log_ratio = log_p.gather(-1, draws) - log_q.gather(-1, draws)
         log_ratio = log_ratio - log_ratio.amax(dim=-1, keepdim=True)  # self-normalised: any shift cancels

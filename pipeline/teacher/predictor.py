@@ -43,7 +43,7 @@ class TeacherPredictor:
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
-        self.index_bits = index_bits(num_classes)  # ids packed above 65,536 tokens (pipeline/cache/packing.py)
+        self.index_bits = index_bits(num_classes)  # ids packed above 4,096 tokens (pipeline/cache/packing.py)
 
     def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
         """The teacher on this actor's device; an HF teacher on an actor with several GPUs is spread

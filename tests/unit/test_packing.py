@@ -7,7 +7,8 @@ from pipeline.cache.packing import index_bits, pack_ids, packed_bytes, unpack_id
 
 
 def test_widths_follow_the_vocabulary():
-    assert index_bits(2_048) is None and index_bits(65_536) is None  # uint16 columns, unpacked
+    assert index_bits(2_048) is None and index_bits(4_096) is None  # uint8 / uint16 columns, unpacked
+    assert index_bits(4_097) == 13 and index_bits(32_768) == 15 and index_bits(65_536) == 16
     assert index_bits(65_537) == 17 and index_bits(131_072) == 17 and index_bits(152_064) == 18
     assert packed_bytes(25, 17) == 54 and packed_bytes(1, 17) == 3
 

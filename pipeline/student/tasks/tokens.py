@@ -66,7 +66,7 @@ class TokenTask(Task):
                                *(("val_agreement",) if isinstance(self.signal, (TopkRecord, FullLogitsRecord)) else ()))
         self.fused = False  # set by build_model: whether the student hands its head to the loss
         self.eval_batch_size = self._eval_rows()
-        bits = getattr(self.signal, "index_bits", None)  # ids packed above 65,536 tokens: read as bytes, unpacked here
+        bits = getattr(self.signal, "index_bits", None)  # ids packed above 4,096 tokens: read as bytes, unpacked here
         self.packed = {c: (bits, (int(self.signal.shape[0]), self.signal.k))
                        for c in (TOPK_INDICES, SAMPLED_INDICES) if bits and c in self.signal.columns}
 

@@ -123,9 +123,9 @@ class OnlineTask(TokenTask):
         return [INPUT_IDS, LENGTH]
 
     def losses(self, output: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: its tensors could not enter the student's autograd graph uncopied
             logits = self.teacher(self.model_inputs(batch)).float()
-        return super().losses(output, {**batch, LOGITS: logits.clone()})
+        return super().losses(output, {**batch, LOGITS: logits})
 
 
 def train_arm(task: TokenTask, rows: dict[str, np.ndarray], cfg: TrainConfig, seed: int) -> tuple[torch.nn.Module, str]:

@@ -70,8 +70,10 @@ def full_logits(teacher: str = "teacher", column: str = LOGITS, num_classes: int
     return {"mode": "full", "teacher": teacher, "columns": [column], "dtype": "float16", "shape": [num_classes]}
 
 
-def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 10, shape=(1, 8, 8), seed: int = 0) -> str:
-    """A small, valid cache written with pyarrow alone (no Ray), for tests of readers and checks."""
+def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 10, shape=(1, 8, 8), seed: int = 0,
+               nonfinite_rows: tuple[int, ...] = ()) -> str:
+    """A small, valid cache written with pyarrow alone (no Ray), for tests of readers and checks;
+    `nonfinite_rows` of the first split get a NaN and an inf teacher logit (a sound file, unsound values)."""
     rows = rows or {"train": 40, "val": 10}
     rng = np.random.default_rng(seed)
     cache_uri = str(root / "cachetest0000000")
@@ -79,11 +81,15 @@ def make_cache(root, *, rows: dict[str, int] | None = None, num_classes: int = 1
         (root / "cachetest0000000" / "shards" / f"split={split}").mkdir(parents=True)
     shards, columns, column_bytes, start = [], None, {}, 0
     for split, n in rows.items():
+        logits = rng.normal(size=(n, num_classes)).astype(np.float16)
+        if start == 0:
+            for r in nonfinite_rows:
+                logits[r, 0], logits[r, 1] = np.nan, np.inf
         table = pa.table({
             SAMPLE_ID: pa.array([f"s-{i}" for i in range(start, start + n)]),
             X: _tensor_column(rng.normal(size=(n, *shape)).astype(np.float32)),
             LABEL: pa.array(rng.integers(0, num_classes, n), pa.int64()),
-            LOGITS: _tensor_column(rng.normal(size=(n, num_classes)).astype(np.float16)),
+            LOGITS: _tensor_column(logits),
         })
         start += n
         rel = f"shards/split={split}/part-0000-000000-0.parquet"

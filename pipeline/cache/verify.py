@@ -50,4 +50,8 @@ def verify_cache(cache_uri: str, options: storage.Options = None) -> list[str]:
             problems.append(f"shard {shard.path} has {facts.rows} rows, manifest says {shard.rows}")
         if facts.columns != manifest.columns:
             problems.append(f"shard {shard.path} schema {facts.columns} differs from the manifest's {manifest.columns}")
+    if not problems:  # the shards are the manifest's: their teacher values must be finite too
+        from pipeline.cache.values import describe_nonfinite, nonfinite_values
+
+        problems += [f"teacher column {line}" for line in describe_nonfinite(nonfinite_values(cache_uri, manifest, options))]
     return problems

@@ -25,8 +25,10 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 def cmd_cache_show(args: argparse.Namespace) -> int:
     from pipeline.cache.manifest import TapRecord, read_manifest
+    from pipeline.cache.values import describe_nonfinite, nonfinite_values
 
-    m = read_manifest(args.uri, storage_options(args, args.uri, "cache"))
+    options = storage_options(args, args.uri, "cache")
+    m = read_manifest(args.uri, options)
     if args.json:
         print(m.to_json(), end="")
         return 0
@@ -51,6 +53,8 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
     print(f"  shards   {len(m.shards)}, {m.bytes / 1e6:.2f} MB, {m.bytes / max(m.rows, 1):.0f} bytes/row")
     print(f"  columns  {', '.join(f'{k}: {v}' for k, v in m.columns.items())}")
     print(f"  stats    {m.stats.model_dump_json()}")
+    bad = describe_nonfinite(nonfinite_values(args.uri, m, options))
+    print(f"  values   teacher outputs all finite" if not bad else "\n".join(f"  values   NOT FINITE: {line}" for line in bad))
     return 0
 
 

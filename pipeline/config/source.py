@@ -48,6 +48,9 @@ class ParquetSource(_SplitFields):
     version: str | None = None  # explicit dataset version; otherwise the files' content fingerprint is used
     split_column: str | None = None
     val_uri: str | None = None
+    # A NaN or inf input makes NaN teacher outputs and NaN students: refused by default (one line naming
+    # the count and a row); `zero` replaces them with 0, as tabular pipelines do for missing values.
+    nonfinite_inputs: Literal["refuse", "zero"] = "refuse"
 
     @model_validator(mode="after")
     def _one_split(self) -> "ParquetSource":

@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.schema import LABEL, SAMPLE_ID, SPLIT, X
 from pipeline.config import ParquetSource
+from pipeline.data.checks import check_unique_ids, class_labels, nonfinite_error, nonfinite_rows, split_values
 from pipeline.data.sources import SourceInfo, identity_record
 from pipeline.data.split import hash_split
 from pipeline.errors import DistillError
 from pipeline.storage import Options, arrow_filesystem
 
 TRANSFORM = "float32 reshape"
-_SHOWN = 5  # offending values named in an error
 
 
 class ParquetTable:
@@ -55,12 +55,7 @@ class ParquetTable:
         for uri, split in self.tables():
             dataset = self._dataset(uri)
             inputs = input_columns(cfg, dataset.schema, uri)
-            wanted = [cfg.id_column, cfg.label_column, *([cfg.split_column] if cfg.split_column else [])]
-            missing = [c for c in wanted if c not in dataset.schema.names]
-            if missing:
-                raise DistillError(f"parquet source {uri} lacks column(s) {missing}",
-                                   f"set `source.id_column` / `source.label_column` / `source.split_column` to one of "
-                                   f"{dataset.schema.names}")
+            wanted = self._check_columns(dataset, uri)
             table = dataset.read(columns=wanted)
             part_ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False)
             ids.append(part_ids)
@@ -74,6 +69,12 @@ class ParquetTable:
             widths.add(_input_width(dataset, inputs))
             digests.append(f"{split or 'all'}:{_footers_digest(uri, dataset, self.options)}")
         all_ids, all_labels, all_splits = np.concatenate(ids), np.concatenate(labels), np.concatenate(splits)
+        if not len(all_ids):
+            raise DistillError(f"parquet source {cfg.uri} has no rows", "check `source.uri` (an export that wrote no rows, "
+                               "or a filter that matched none)")
+        if not (all_splits == "train").any():
+            raise DistillError(f"parquet source {cfg.uri}: all {len(all_ids)} rows are in the val split, none to train on",
+                               "give the training split rows (`split_column` values `train`, or a smaller `val_fraction`)")
         check_unique_ids(all_ids, f"parquet source {cfg.uri}" + (f" with {cfg.val_uri}" if cfg.val_uri else "")
                          + f", column `{cfg.id_column}`")
         if len(widths) > 1:
@@ -90,12 +91,49 @@ class ParquetTable:
                           input_shape=tuple(cfg.input_shape) if cfg.input_shape else (width,),
                           rows={s: int((all_splits == s).sum()) for s in ("train", "val")})
 
+    def _check_columns(self, dataset: pq.ParquetDataset, uri: str) -> list[str]:
+        """The id, label and split columns, which must exist: one error naming the table's columns."""
+        cfg = self.cfg
+        wanted = [cfg.id_column, cfg.label_column, *([cfg.split_column] if cfg.split_column else [])]
+        missing = [c for c in wanted if c not in dataset.schema.names]
+        if missing:
+            raise DistillError(f"parquet source {uri} lacks column(s) {missing}",
+                               f"set `source.id_column` / `source.label_column` / `source.split_column` to one of "
+                               f"{dataset.schema.names}")
+        return wanted
+
+    def check_values(self, max_bytes: int | None = None) -> bool:
+        """Refuse non-finite inputs with their count and a row id, reading only the id and input columns.
+        A table whose inputs exceed `max_bytes` (uncompressed, from the footers) is not read here: the
+        teacher's actors check each batch instead. Returns whether the table was scanned."""
+        if self.cfg.nonfinite_inputs != "refuse":
+            return True
+        found, total, example = 0, 0, None
+        for uri, _ in self.tables():
+            dataset = self._dataset(uri)
+            cols = input_columns(self.cfg, dataset.schema, uri)
+            if max_bytes is not None and _uncompressed_bytes(dataset, cols) > max_bytes:
+                return False
+            for fragment in dataset.fragments:
+                for batch in fragment.to_batches(columns=[self.cfg.id_column, *cols]):
+                    bad = nonfinite_rows({c: batch.column(c).to_numpy(zero_copy_only=False) for c in cols}, cols)
+                    total += batch.num_rows
+                    if bad.any():
+                        found += int(bad.sum())
+                        example = example or str(batch.column(self.cfg.id_column)[int(np.argmax(bad))].as_py())
+        if found:
+            raise nonfinite_error(found, total, example, self.cfg.uri)
+        return True
+
     def load_split(self, split: str) -> dict[str, np.ndarray]:
         parts = []
         for uri, forced in self.tables():
             if forced not in (None, split):
                 continue
-            table = self._dataset(uri).read()
+            dataset = self._dataset(uri)
+            self._check_columns(dataset, uri)
+            input_columns(self.cfg, dataset.schema, uri)
+            table = dataset.read()
             rows = self.standardize({n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}, forced)
             keep = rows.pop(SPLIT) == split
             parts.append({k: v[keep] for k, v in rows.items()})
@@ -107,7 +145,8 @@ class ParquetTable:
 
     def identity(self, info: SourceInfo) -> dict[str, Any]:
         columns = {"id": self.cfg.id_column, "inputs": self.cfg.input_columns, "label": self.cfg.label_column}
-        record = identity_record(self.cfg, info, TRANSFORM, columns=columns)
+        extra = {"nonfinite_inputs": "zero"} if self.cfg.nonfinite_inputs == "zero" else {}  # the default keeps old keys
+        record = identity_record(self.cfg, info, TRANSFORM, columns=columns, **extra)
         if self.cfg.split_column:  # the user's own split: hash settings do not apply (and default ids stay as they were)
             record["split"] = {"column": self.cfg.split_column}
         elif self.cfg.val_uri:
@@ -130,16 +169,6 @@ def _footers_digest(uri: str, dataset: pq.ParquetDataset, options: Options = Non
             footer = fh.read(length)
         digests.append(hashlib.sha256(footer + size.to_bytes(8, "little")).hexdigest())
     return "footers:" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
-
-
-def split_values(values: np.ndarray, column: str, uri: str) -> np.ndarray:
-    """A split column's values, which must be `train` or `val`."""
-    out = np.asarray([str(v) for v in values], dtype=object)
-    other = sorted(set(out.tolist()) - {"train", "val"})
-    if other:
-        raise DistillError(f"split column {column!r} of {uri} holds {other[:_SHOWN]}, not only 'train' and 'val'",
-                           "write `train` or `val` in every row (or split by `val_fraction` instead)")
-    return out
 
 
 def input_columns(cfg: ParquetSource, schema: pa.Schema, uri: str | None = None) -> list[str]:
@@ -179,32 +208,6 @@ def _input_width(dataset: pq.ParquetDataset, columns: list[str]) -> int:
     return 1
 
 
-def check_unique_ids(ids: np.ndarray, where: str) -> None:
-    """The cache holds every sample_id exactly once: duplicates are refused, the first few named."""
-    values, counts = np.unique(np.asarray([str(i) for i in ids]), return_counts=True)
-    dup = values[counts > 1]
-    if len(dup):
-        shown = ", ".join(repr(str(v)) for v in dup[:_SHOWN])
-        raise DistillError(f"{where} has {len(dup)} duplicate id(s) ({int(counts[counts > 1].sum())} rows), e.g. {shown}",
-                           "give every row its own id: a cache holds every sample_id exactly once")
-
-
-def class_labels(labels: np.ndarray, where: str) -> np.ndarray:
-    """Labels as int64 class ids 0..C-1; strings, fractions and negatives are one error with examples."""
-    if labels.dtype.kind in "OUS":
-        examples = ", ".join(repr(v) for v in list(dict.fromkeys(labels.tolist()))[:_SHOWN])
-        raise DistillError(f"labels in {where} are not integers ({examples})",
-                           "map each class to an integer id 0..C-1 before exporting the table")
-    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
-        raise DistillError(f"labels in {where} are not whole numbers (e.g. {labels[labels != np.round(labels)][:_SHOWN].tolist()})",
-                           "labels are class ids 0..C-1")
-    out = labels.astype(np.int64)
-    if len(out) and out.min() < 0:
-        raise DistillError(f"labels in {where} include negative values (e.g. {out[out < 0][:_SHOWN].tolist()})",
-                           "labels are class ids 0..C-1")
-    return out
-
-
 def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split: str | None = None) -> dict[str, np.ndarray]:
     """`ParquetTable.standardize` as a plain function, for Ray Data's `map_batches` (pickled to its tasks).
     `split` is the split of every row (a separate validation table), else the split column or the id's hash."""
@@ -216,6 +219,11 @@ def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split
         x = np.asarray(x, dtype=np.float32).reshape(len(ids), -1)
     else:
         x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
+    bad = ~np.isfinite(x.reshape(len(ids), -1)).all(axis=1)
+    if bad.any():  # the driver scanned tables that fit its budget; this is every other batch's check
+        if cfg.nonfinite_inputs == "refuse":
+            raise nonfinite_error(int(bad.sum()), len(ids), str(ids[int(np.argmax(bad))]), cfg.uri, batch=True)
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     if cfg.input_shape:
         x = x.reshape(len(ids), *cfg.input_shape)
     return {
@@ -226,6 +234,17 @@ def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split
                 else split_values(batch[cfg.split_column], cfg.split_column, cfg.uri) if cfg.split_column
                 else hash_split(ids, cfg.val_fraction, cfg.split_seed)),
     }
+
+
+def _uncompressed_bytes(dataset: pq.ParquetDataset, columns: list[str]) -> int:
+    wanted, total = set(columns), 0
+    for fragment in dataset.fragments:
+        meta = fragment.metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            total += sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                         if group.column(c).path_in_schema.split(".", 1)[0] in wanted)
+    return total
 
 
 def _arrow_type(values: np.ndarray) -> pa.DataType:

@@ -63,7 +63,15 @@ def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache:
         kind = "cache"
     else:
         split = split or "all"
-        columns = open_source(_with_tokenizer(_table_source(source, manifest, options), cache), options).load_split("train")
+        table = _table_source(source, manifest, options)
+        try:
+            columns = open_source(_with_tokenizer(table, cache), options).load_split("train")
+        except DistillError as e:
+            if "lacks" not in e.problem:
+                raise
+            raise DistillError(f"{e.problem.replace('parquet source ', 'table ', 1)}",
+                               "score a table with the columns of the run's own source: "
+                               + ", ".join(f"{k} {v!r}" for k, v in _named_columns(table).items())) from None
         kind = "table"
     wanted = [c for c in task.columns() if c in columns]
     if not wanted or len(next(iter(columns.values()))) == 0:
@@ -110,6 +118,12 @@ def _table_source(uri: str, manifest: Manifest, options: storage.Options):
     else:
         fields.update(files=None)
     return parse_source({**recorded, **fields})
+
+
+def _named_columns(source) -> dict[str, str]:
+    if isinstance(source, TextSource):
+        return {"text": source.text_column}
+    return {"id": source.id_column, "label": source.label_column, "inputs": ", ".join(source.input_columns)}
 
 
 def _with_tokenizer(source, cache: str):

@@ -45,6 +45,9 @@ def check_teachers(cfg: PrecomputeConfig, source: SourceInfo) -> None:
             try:
                 model.load_state_dict(state, assign=True)
             except RuntimeError as e:
+                classes = _classes_in_weights(model, state, source.num_classes)
+                if classes is not None:
+                    raise _labels_error(source, f"{owner} with weights {spec.weights}", classes) from None
                 detail = " ".join(line.strip() for line in str(e).splitlines()[1:3]) or str(e)
                 raise DistillError(f"the weights {spec.weights} do not fit {owner}: {detail}",
                                    "check the factory's kwargs against the weights (or the weights against the config)") from None
@@ -71,9 +74,47 @@ def _check_one_row(model: torch.nn.Module, spec: ModelSpec, source: SourceInfo, 
                                f"{type(e).__name__}: {str(e).splitlines()[0]}",
                                "fix `source.input_shape` (or the input columns), or the teacher's kwargs") from None
     out = out.logits if hasattr(out, "logits") else out
+    if isinstance(out, torch.Tensor) and out.shape[-1] < source.num_classes and source.kind != "text":
+        raise _labels_error(source, owner, int(out.shape[-1]))
     if isinstance(out, torch.Tensor) and out.shape[-1] != source.num_classes:
         raise DistillError(f"{owner} predicts {out.shape[-1]} classes, the source has {source.num_classes}",
                            f"build the teacher with num_classes={source.num_classes}, or check `source.label_column`")
+
+
+def _classes_in_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> int | None:
+    """The class count of weights that fail to load only because the model was built for more classes
+    (labels past the teacher's): every mismatched tensor differs in one dimension, num_classes in the
+    model and fewer in the weights. None for any other mismatch."""
+    own = model.state_dict()
+    found = set()
+    for key, value in state.items():
+        if key not in own or tuple(own[key].shape) == tuple(value.shape):
+            continue
+        mine, theirs = tuple(own[key].shape), tuple(value.shape)
+        diff = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b] if len(mine) == len(theirs) else []
+        if len(diff) != 1 or mine[diff[0]] != num_classes or theirs[diff[0]] >= num_classes:
+            return None
+        found.add(theirs[diff[0]])
+    return found.pop() if len(found) == 1 else None
+
+
+def _labels_error(source: SourceInfo, who: str, classes: int) -> DistillError:
+    return DistillError(f"the source's labels go up to {source.num_classes - 1}, but {who} predicts {classes} classes "
+                        f"(0..{classes - 1})", f"drop or remap the rows labelled {classes} or more, or check "
+                        "`source.label_column` (a teacher can only be distilled on the classes it knows)")
+
+
+SCAN_MAX_BYTES = 2 << 30  # precompute reads a table's inputs in the driver up to this size; actors check the rest
+
+
+def check_source_values(cfg: PrecomputeConfig, full: bool = False) -> None:
+    """Non-finite inputs refused in the driver, before any Ray work, where the table is small enough to
+    read here (or always, with `full`, for `distill validate`)."""
+    from pipeline.data.sources import open_source
+
+    check = getattr(open_source(cfg.source, cfg.storage), "check_values", None)
+    if check is not None:
+        check(None if full else SCAN_MAX_BYTES)
 
 
 def validate_precompute(cfg: PrecomputeConfig) -> str:
@@ -89,6 +130,7 @@ def validate_precompute(cfg: PrecomputeConfig) -> str:
     storage.check_reachable(cfg.cache_root, "cache root", cfg.storage)
     target = resolve_target(cfg)
     check_token_outputs(cfg, target.source)
+    check_source_values(cfg, full=True)
     check_teachers(cfg, target.source)
     size = token_cache_line(cfg, target.source)
     rows = ", ".join(f"{split} {n}" for split, n in target.source.rows.items())

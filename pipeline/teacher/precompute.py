@@ -23,7 +23,7 @@ from pipeline.errors import DistillError
 from pipeline.models.factory import resolve_factory
 from pipeline.progress import every, progress_line
 from pipeline.runtime import actor_nodes, ensure_ray, map_worker_class_name, root_cause
-from pipeline.teacher.checks import check_teachers
+from pipeline.teacher.checks import check_source_values, check_teachers
 from pipeline.teacher.identity import CacheTarget, resolve_target
 from pipeline.teacher.predictor import TeacherPredictor
 from pipeline.teacher.publish import publish
@@ -60,6 +60,7 @@ def run_precompute(cfg: PrecomputeConfig, *, force: bool = False, address: str |
         log(f"cache hit: {target.uri}")
         return _hit(cfg, target, log)
     check_token_outputs(cfg, target.source)
+    check_source_values(cfg)
     check_teachers(cfg, target.source)
     size = token_cache_line(cfg, target.source)
     if size:

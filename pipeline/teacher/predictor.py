@@ -71,7 +71,9 @@ class TeacherPredictor:
                                "check that row of the source against the teacher (input shape, dtype, values)") from None
 
     def _encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._tokens(batch) if INPUT_IDS in batch else self._rows(batch)
+        out = self._tokens(batch) if INPUT_IDS in batch else self._rows(batch)
+        check_finite(out, [c for c in out if c not in batch], batch.get(SAMPLE_ID))
+        return out
 
     def _failing_row(self, batch: dict[str, np.ndarray], error: Exception) -> tuple[str, Exception]:
         """The first row that fails alone (a batch fails for one bad row), or the batch's first row."""
@@ -136,6 +138,21 @@ class TeacherPredictor:
         """Reproducible draws: seeded by the config and the batch's first row (a resumed run batches the same files alike)."""
         first = zlib.crc32(str(batch[SAMPLE_ID][0]).encode()) if len(batch[SAMPLE_ID]) else 0
         return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + first)
+
+
+def check_finite(out: dict[str, np.ndarray], columns: list[str], ids: np.ndarray | None) -> None:
+    """A NaN or inf teacher output (NaN weights, or float16 overflow past 65,504) would train every
+    student of the cache into NaN: refused, naming the column, the count and a row."""
+    for column in columns:
+        values = out[column]
+        if values.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            hint = " or store float32 (`dtype: float32`)" if values.dtype == np.float16 else ""
+            raise DistillError(f"the teacher's {column} are not finite (NaN or inf) for {int(bad.sum())} of {len(values)} "
+                               f"rows in a batch, e.g. row {str(ids[int(np.argmax(bad))]) if ids is not None else int(np.argmax(bad))!r}",
+                               f"check the teacher's weights and those rows' inputs{hint}; nothing was published")
 
 
 def _first_line(e: Exception) -> str:

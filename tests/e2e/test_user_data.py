@@ -23,15 +23,15 @@ from torch import nn
 
 
 class Picky(nn.Module):
-    """A teacher that refuses NaN inputs: it can only fail on the data, inside a teacher actor."""
+    """A teacher that refuses inputs above 2: it can only fail on the data, inside a teacher actor."""
 
     def __init__(self, num_classes=10):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
 
     def forward(self, x):
-        if torch.isnan(x).any():
-            raise ValueError("NaN in the input")
+        if (x > 2).any():
+            raise ValueError("an input value above 2")
         return self.net(x)
 
 
@@ -40,13 +40,15 @@ def picky(input_shape=(1, 8, 8), num_classes=10):
 '''
 
 
-def _table(path, n=1797, ids=None, labels=None, nan_row=None):
+def _table(path, n=1797, ids=None, labels=None, nan_row=None, big_row=None):
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = d.data[:n].astype(np.float32) / 16
     if nan_row is not None:
         x[nan_row, 5] = np.nan
+    if big_row is not None:
+        x[big_row, 5] = 7.0
     cols = {"id": ids if ids is not None else [f"r-{i}" for i in range(n)],
             "label": labels if labels is not None else d.target[:n]}
     cols.update({f"pixel_{j}": x[:, j] for j in range(64)})
@@ -142,13 +144,32 @@ def test_identical_data_exported_again_is_the_same_cache(folder):
     assert changed.code == 0 and cache(changed) != cache(first)
 
 
-def test_a_row_the_teacher_fails_on_inside_an_actor_is_named(folder):
+def test_bad_values_are_one_line_before_ray(folder):
+    """NaN inputs, an empty table and labels past the teacher's classes, as a user first meets them."""
     _table(folder / "digits.parquet", nan_row=17)
+    for command in ("validate", "precompute"):
+        took = _fails(folder, _config(folder), "1 of 1797 rows of ", "digits.parquet hold non-finite input values",
+                      "'r-17'", "nonfinite_inputs: zero", command=command)
+        assert took < 20 and not any((folder / "cache").glob("*/manifest.json"))
+    ran = distill("validate", _config(folder, source={"nonfinite_inputs": "zero"}), cwd=str(folder))
+    assert ran.code == 0, ran.err
+    pq.write_table(pq.read_table(folder / "digits.parquet").slice(0, 0), folder / "digits.parquet")
+    _fails(folder, _config(folder), "digits.parquet has no rows", command="precompute")
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    _table(folder / "digits.parquet", labels=np.where(target == 9, 12, target))
+    _fails(folder, _config(folder), "labels go up to 12", "teacher.pt predicts 10 classes (0..9)",
+           "rows labelled 10 or more", command="precompute")
+
+
+def test_a_row_the_teacher_fails_on_inside_an_actor_is_named(folder):
+    _table(folder / "digits.parquet", big_row=17)
     name = _config(folder, teacher={"factory": "my_models:picky", "kwargs": {}, "weights": None})
     ran = distill("precompute", name, cwd=str(folder))
     assert ran.code == 2 and "Traceback" not in ran.err
     last = ran.err.strip().splitlines()[-1]
-    assert last.startswith("error: the teacher stage failed: the teacher failed on row 'r-17': ValueError: NaN in the input"), last
+    assert last.startswith("error: the teacher stage failed: the teacher failed on row 'r-17': ValueError: an input value above 2"), last
     assert not any((folder / "cache").glob("*/manifest.json"))  # nothing published
 
 
@@ -212,6 +233,10 @@ def test_all_rows_for_training_then_evaluate_on_a_held_out_table(folder, head):
     assert cache.code == 0 and "(cache, split train, 1500 rows)" in cache.out and "agreement" in cache.out
     missing = distill("evaluate", "runs/all-rows", "--source", "nope.parquet", cwd=str(folder))
     assert missing.code == 2 and "nope.parquet does not exist" in missing.one_line_error()
+    for column in ("label", "id"):
+        pq.write_table(pq.read_table(folder / "heldout.parquet").drop([column]), folder / f"no-{column}.parquet")
+        line = distill("evaluate", "runs/all-rows", "--source", f"no-{column}.parquet", cwd=str(folder)).one_line_error()
+        assert f"table no-{column}.parquet lacks column(s) ['{column}']" in line and "id 'id', label 'label'" in line, line
 
 
 def test_a_relative_precompute_is_found_from_any_directory(folder):

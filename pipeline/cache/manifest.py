@@ -62,6 +62,8 @@ class DatasetRecord(Record):
     text: dict[str, Any] | None = None  # text: files, text column, window length, tokenizer settings, limits
     input_shape: list[int]
     tokenizer: TokenizerRecord | None = None
+    input_dtype: str = "float32"  # how `x` is stored; a model reads float32(x) * input_scale (pipeline.cache.inputs)
+    input_scale: float = 1.0
 
 
 class _Output(Record):
@@ -181,6 +183,7 @@ class Manifest(Record):
     rows_by_split: dict[str, int]
     columns: dict[str, str]  # column -> Arrow type
     column_bytes: dict[str, int] = Field(default_factory=dict)  # compressed bytes of each column over every shard
+    source_bytes: int | None = None  # the source's own stored bytes (its files), against which the cache's size is judged
     shards: list[ShardEntry]
     stats: PrecomputeStats = Field(default_factory=PrecomputeStats)
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved precompute config that made it

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.config.augment import MIXING, Augment
 from pipeline.config.base import JobOptions, ModelSpec, StorageOptions, Strict, absolute
 
 # Loss terms the student stage knows; each maps to a function in pipeline/student/losses.py.
@@ -91,6 +92,9 @@ class TrainConfig(Strict):
     precompute: str | None = None  # or: the precompute config the cache came from
     student: ModelSpec
     loss: LossConfig = Field(default_factory=LossConfig)
+    # Image transforms applied to each training batch, in order (pipeline/student/augment.py); the
+    # teacher's stored outputs are those of the unaugmented image.
+    augment: list[Augment] = Field(default_factory=list)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     epochs: int = Field(10, ge=1)
     # A step budget instead of epochs: stop after this many optimizer steps, or (token caches) once
@@ -135,6 +139,14 @@ class TrainConfig(Strict):
             raise ValueError("`batch_size` is global and must be at least `num_workers` x `grad_accum_steps`")
         if self.max_steps and self.max_tokens:
             raise ValueError("set at most one of `max_steps` and `max_tokens`")
+        kinds = [t.kind for t in self.augment]
+        if sum(k in MIXING for k in kinds) > 1:
+            raise ValueError("`augment` takes one of mixup and cutmix, not both")
+        if any(k in MIXING for k in kinds) and kinds[-1] not in MIXING:
+            raise ValueError("`augment`: put mixup or cutmix last (it mixes the transformed images)")
+        if self.augment and any(self.loss.terms.get(t, 0) > 0 for t in ("hint", "attention", "rkd")):
+            raise ValueError("`augment` with feature terms (hint, attention, rkd): the stored features are the "
+                             "unaugmented image's; drop one or the other")
         return self
 
     def with_absolute_paths(self) -> "TrainConfig":

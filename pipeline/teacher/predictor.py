@@ -10,6 +10,7 @@ import torch
 from pydantic import TypeAdapter
 
 from pipeline import storage
+from pipeline.cache.inputs import decode_inputs
 from pipeline.cache.packing import index_bits, pack_ids
 from pipeline.cache.schema import (INPUT_IDS, LENGTH, SAMPLE_ID, SAMPLED_INDICES, TEACHER_SEQUENCE, TOPK_INDICES, X, logits_column,
                                    tap_column)
@@ -29,7 +30,7 @@ class TeacherPredictor:
     def __init__(self, teachers: dict[str, dict[str, Any]], input_shape: tuple[int, ...], num_classes: int,
                  logits_dtype: str = "float16", taps: list[dict[str, Any]] | None = None, use_gpu: bool = False,
                  threads: int | None = None, storage_options: storage.StorageOptions | None = None,
-                 logits_spec: dict[str, Any] | None = None) -> None:
+                 logits_spec: dict[str, Any] | None = None, input_scale: float = 1.0) -> None:
         self.options = storage_options  # this actor may load the weights from S3
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
@@ -43,6 +44,7 @@ class TeacherPredictor:
             find_modules(model, [t.module for t in self.taps[name]], owner=f"teacher {name!r}")
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
+        self.input_scale = input_scale  # x is stored as the source holds it (pipeline/cache/inputs.py)
         self.index_bits = index_bits(num_classes)  # ids packed above 4,096 tokens (pipeline/cache/packing.py)
 
     def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
@@ -86,7 +88,7 @@ class TeacherPredictor:
         return (str(ids[0]) if len(ids) else "?"), error
 
     def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.require(batch[X], dtype=np.float32, requirements=["C", "W"]))
+        x = torch.from_numpy(np.require(decode_inputs(batch[X], self.input_scale), requirements=["C", "W"]))
         if self.on_gpu:
             x = x.pin_memory().to(self.device, non_blocking=True)
         out = dict(batch)

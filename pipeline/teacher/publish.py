@@ -83,6 +83,7 @@ def publish(cfg: PrecomputeConfig, target: CacheTarget, stats: PrecomputeStats) 
         rows_by_split=rows_by_split,
         columns=columns or {},
         column_bytes=column_bytes,
+        source_bytes=target.source.bytes,
         shards=shards,
         stats=stats,
         config=cfg.model_dump(mode="json"),

@@ -53,6 +53,16 @@ def test_cache_has_every_sample_once_with_the_teachers_logits(digits_stage1):
     rows = [order[sid] for sid in val["sample_id"]]
     np.testing.assert_allclose(stored_logits[rows].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(tables["val"].column(LABEL).to_numpy()[rows], val[LABEL])
+    # The input as the package ships it (uint8 0..16), read by both stages as x/16; the cache costs no
+    # more per row than the source's own file plus the teacher's logits.
+    stored_x = column(tables["val"], X)
+    assert stored_x.dtype == np.uint8 and m.dataset.input_dtype == "uint8" and m.dataset.input_scale == 1 / 16
+    np.testing.assert_array_equal(stored_x[rows].astype(np.float32) / 16, val[X])
+    # (Columns, not files: each of these 300-row shards also carries a 2 kB footer; MNIST's 5,000 rows
+    # cost 213 bytes a row in whole files against the source's 221.)
+    per_row = m.bytes_per_row()
+    assert m.source_bytes and per_row[X] < m.source_bytes / m.rows
+    assert sum(per_row.values()) <= m.source_bytes / m.rows + per_row[LOGITS]
 
 
 def test_the_cache_stage_1_wrote_reads_without_ray(digits_stage1):
@@ -158,3 +168,39 @@ def test_parquet_source_through_ray_data(digits_stage1, tmp_path):
     ids = [i for t in tables.values() for i in t.column(SAMPLE_ID).to_pylist()]
     assert sorted(ids) == sorted(table.column("uid").to_pylist())
     assert m.input_shape == [1, 8, 8]
+    assert m.dataset.input_dtype == "float32" and column(tables["train"], X).dtype == np.float32  # float columns as they are
+    assert m.source_bytes == sum(f.stat().st_size for f in (tmp_path / "data").iterdir())
+
+
+def test_uint8_pixels_stay_uint8_through_both_stages(digits_stage1, tmp_path):
+    """A table of uint8 pixels is cached as uint8 (a quarter of float32) and read by the teacher, the
+    student and `distill evaluate` as the same float values."""
+    import pyarrow as pa
+
+    from pipeline.config import TrainConfig, load_precompute_config
+    from pipeline.student.tasks import task_for
+    from pipeline.teacher.precompute import run_precompute, teacher_logits_for
+
+    raw = load_digits_uint8()
+    table = pa.table({"uid": [f"u{i}" for i in range(len(raw.data))],
+                      "pixels": pa.array(list(raw.data.astype(np.uint8)), pa.list_(pa.uint8(), 64)), "digit": raw.target})
+    pq.write_table(table, tmp_path / "pixels.parquet")
+    source = {"kind": "parquet", "uri": str(tmp_path / "pixels.parquet"), "id_column": "uid", "input_columns": ["pixels"],
+              "label_column": "digit", "input_shape": [1, 8, 8]}
+    cfg = load_precompute_config(digits_stage1["config_path"], [f"source={source}", f"cache_root={tmp_path}/cache"])
+    m, tables = _read_cache(run_precompute(cfg).uri)
+    x = column(tables["val"], X)
+    assert m.dataset.input_dtype == "uint8" and m.dataset.input_scale == 1.0 and x.dtype == np.uint8
+    np.testing.assert_allclose(column(tables["val"], LOGITS).astype(np.float32),
+                               teacher_logits_for(cfg, x.astype(np.float32)), rtol=2e-3, atol=2e-3)
+    task = task_for(TrainConfig.model_validate({"cache": "c", "student": {"factory": "pipeline.models.builtin:mlp"}}), m)
+    import torch
+
+    assert task.dtypes()[X] == torch.uint8
+    assert torch.equal(task.model_inputs({X: torch.from_numpy(x)}), torch.from_numpy(x).float())
+
+
+def load_digits_uint8():
+    from sklearn.datasets import load_digits
+
+    return load_digits()

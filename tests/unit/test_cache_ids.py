@@ -1,6 +1,7 @@
 """Cache ids are a contract with every cache already on disk: the same config gives the same id
 as the code that wrote those caches. The ids below were computed before the configs became typed
-unions and the manifest format v2 (tests/unit/data/cache_ids_v1.json)."""
+unions and the manifest format v2 (tests/unit/data/cache_ids_v1.json); those of the bundled image
+sources were computed again when their shards changed (`x` stored as the packages ship it, uint8)."""
 
 import json
 import os

@@ -122,6 +122,26 @@ class LossInputs:
     rkd: tuple[str, str, float, float] | None = None  # (student module, column, distance weight, angle weight)
 
 
+# A mixed batch (mixup, CutMix): row i is lam * image i + (1 - lam) * image perm[i], so its targets are too.
+MIX_PERM, MIX_LAM = "_mix_perm", "_mix_lam"
+
+
+def mixed(values: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-row targets (probabilities) of a mixed batch: lam * own + (1 - lam) * partner's; unmixed as is."""
+    if MIX_PERM not in batch:
+        return values
+    lam = batch[MIX_LAM]
+    return lam * values + (1 - lam) * values[batch[MIX_PERM]]
+
+
+def mixed_ce(logits: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """CE to the labels, mixed like the images: lam CE(y) + (1 - lam) CE(y[perm]) (= CE to the mixed one-hots)."""
+    if MIX_PERM not in batch:
+        return ce_loss(logits, labels)
+    lam = batch[MIX_LAM]
+    return lam * ce_loss(logits, labels) + (1 - lam) * ce_loss(logits, labels[batch[MIX_PERM]])
+
+
 # Cache columns each term reads beyond the label; the logits columns come from LossInputs.
 TERM_INPUTS: dict[str, tuple[str, ...]] = {"kd": (LOGITS,), "ce": (LABEL,), "deit_hard": (LOGITS,)}
 
@@ -144,13 +164,23 @@ class DistillationLoss:
 
     def _targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cols = list(self.inputs.logits)
-        return mixture_targets([batch[c] for c in cols], [self.inputs.logits[c] for c in cols], self.temperature)
+        return mixed(mixture_targets([batch[c] for c in cols], [self.inputs.logits[c] for c in cols], self.temperature), batch)
 
     def _kd(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.inputs.multi_teacher == "per_teacher":
             total = sum(self.inputs.logits.values())
-            return sum(w / total * kd_loss(logits, batch[c], self.temperature) for c, w in self.inputs.logits.items())  # type: ignore[return-value]
+            t = self.temperature
+            if MIX_PERM in batch:
+                return sum(w / total * soft_target_kd(logits, mixed(F.softmax(batch[c].float() / t, dim=-1), batch), t)  # type: ignore[return-value]
+                           for c, w in self.inputs.logits.items())
+            return sum(w / total * kd_loss(logits, batch[c], t) for c, w in self.inputs.logits.items())  # type: ignore[return-value]
         return soft_target_kd(logits, self._targets(batch), self.temperature)
+
+    def _deit_hard(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """CE to the teacher's argmax; in a mixed batch, to each image's own and its partner's, mixed."""
+        cols = list(self.inputs.logits)
+        own = mixture_targets([batch[c] for c in cols], [self.inputs.logits[c] for c in cols], self.temperature)
+        return mixed_ce(logits, own.argmax(dim=-1), batch)
 
     def __call__(self, output: torch.Tensor | Mapping[str, object], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = output if isinstance(output, Mapping) else {"logits": output}
@@ -162,9 +192,9 @@ class DistillationLoss:
             if name == "kd":
                 parts[name] = self._kd(logits, batch)
             elif name == "ce":
-                parts[name] = ce_loss(logits, batch[LABEL])
+                parts[name] = mixed_ce(logits, batch[LABEL], batch)
             elif name == "deit_hard":
-                parts[name] = deit_hard_loss(logits, self._targets(batch))
+                parts[name] = self._deit_hard(logits, batch)
             elif name == "hint":
                 parts[name] = sum(hint_loss(hints[c], batch[c]) for _, c in self.inputs.hint) / len(self.inputs.hint)  # type: ignore[assignment]
             elif name == "attention":

@@ -62,6 +62,12 @@ class Task(ABC):
     def model_inputs(self, batch: Batch) -> torch.Tensor:
         """What the model's forward takes from a batch."""
 
+    def prepare(self, batch: Batch) -> Batch:
+        """A training batch as the step uses it for both the forward pass and the losses (augmented,
+        with whatever the losses need to know of it); evaluation batches skip it. Draws come from
+        torch's generator, which the worker loop seeds per step."""
+        return batch
+
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> Any:
         """The model's output for a batch's inputs, as `losses` takes it (language models may hand
         over their hidden states and head instead of logits)."""

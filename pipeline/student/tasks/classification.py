@@ -16,7 +16,8 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import output_width
 from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
-from pipeline.student.losses.classification import DistillationLoss
+from pipeline.student.augment import augment
+from pipeline.student.losses.classification import MIX_LAM, MIX_PERM, DistillationLoss
 from pipeline.student.tasks.tapped import build_student, loss_inputs
 from pipeline.student.tasks.base import Batch, Reduce, Task, alone
 
@@ -32,6 +33,9 @@ class ClassificationTask(Task):
         super().__init__(cfg, manifest)
         self.inputs = loss_inputs(cfg.loss, manifest)  # a term the cache cannot serve fails here, naming it
         self.loss = DistillationLoss(cfg.loss.terms, cfg.loss.temperature, self.inputs)
+        # x as the cache stores it (uint8 pixels travel 4x smaller through Ray Data), decoded on the worker.
+        self.stored_uint8 = manifest.dataset.input_dtype == "uint8"
+        self.input_scale = manifest.dataset.input_scale
 
     @classmethod
     def in_memory(cls, cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> "ClassificationTask":
@@ -48,6 +52,11 @@ class ClassificationTask(Task):
 
     def check(self) -> None:
         manifest, spec = self.manifest, self.cfg.student
+        spatial = [t.kind for t in self.cfg.augment if t.kind != "mixup"]
+        if spatial and len(manifest.input_shape) != 3:
+            raise DistillError(f"`augment` {spatial} needs image inputs (channels, height, width); cache "
+                               f"{manifest.cache_id}'s are {manifest.input_shape}", "keep only mixup, or set "
+                               "`source.input_shape` to the images' shape when precomputing")
         missing = sorted(c for c in self.columns() if c not in manifest.columns)
         if missing:
             raise DistillError(f"the loss needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
@@ -70,13 +79,23 @@ class ClassificationTask(Task):
         return list(dict.fromkeys(cols))
 
     def dtypes(self) -> dict[str, torch.dtype]:
-        return {c: torch.int64 if c == LABEL else torch.float32 for c in self.columns()}
+        stored = {X: torch.uint8 if self.stored_uint8 else torch.float32, LABEL: torch.int64}
+        return {c: stored.get(c, torch.float32) for c in self.columns()}
 
     def build_model(self) -> nn.Module:
         return build_student(self.cfg.student, self.manifest, self.cfg.loss, self.inputs)  # adapters are parameters too
 
     def model_inputs(self, batch: Batch) -> torch.Tensor:
-        return batch[X]
+        return decode(batch[X], self.input_scale)
+
+    def prepare(self, batch: Batch) -> Batch:
+        if not self.cfg.augment:
+            return batch
+        x, mix = augment(decode(batch[X], self.input_scale), self.cfg.augment)
+        out = {**batch, X: x}
+        if mix is not None:
+            out[MIX_PERM], out[MIX_LAM] = mix
+        return out
 
     def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(output, batch)
@@ -88,7 +107,15 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
         """Accuracy, top-1 agreement with the teacher, mean KL(p_teacher(T) || p_student(T)), and the
         calibration bins of student and teacher (see calibration_sums)."""
-        return evaluate(model, batches, self.cfg.loss.temperature, reduce=reduce)
+        return evaluate(model, batches, self.cfg.loss.temperature, reduce=reduce, input_scale=self.input_scale)
+
+
+def decode(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """A stored input as the model reads it: float32(x) * scale (pipeline/cache/inputs.py). A float32
+    batch column is already a model input (older caches, decoded or augmented batches)."""
+    if x.dtype == torch.float32:
+        return x
+    return x.float() * scale if scale != 1.0 else x.float()
 
 
 def logits_of(output: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -148,12 +175,12 @@ def _unflatten(sums: dict[str, float]) -> tuple[dict[str, float], dict[str, dict
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch], temperature: float, teacher_column: str = LOGITS,
-             reduce: Reduce = alone) -> dict[str, Any]:
+             reduce: Reduce = alone, input_scale: float = 1.0) -> dict[str, Any]:
     model.eval()
     total: dict[str, float] = {}
     calib: dict[str, dict[str, list[float]]] = {}
     for batch in batches:
-        logits = logits_of(model(batch[X]))
+        logits = logits_of(model(decode(batch[X], input_scale)))
         teacher = batch.get(teacher_column)
         for k, v in eval_sums(logits, teacher, batch[LABEL], temperature).items():
             total[k] = total.get(k, 0.0) + v

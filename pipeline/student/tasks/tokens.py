@@ -81,6 +81,8 @@ class TokenTask(Task):
     def check(self) -> None:
         """What a token cache can serve, and a student that reads its windows and vocabulary."""
         manifest, loss, signal = self.manifest, self.cfg.loss, self.signal
+        if self.cfg.augment:
+            raise DistillError(f"`augment` transforms images; cache {manifest.cache_id} holds token windows", "drop `augment`")
         extra = sorted(t for t in self.terms if t not in ("kd", "ce"))
         if extra:
             raise DistillError(f"loss term(s) {extra} need image taps; a token cache serves `kd` and `ce`",

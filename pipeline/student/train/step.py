@@ -40,6 +40,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch], task: Tas
     """
     precision = precision or Precision("fp32", torch.device("cpu"))
     model.train()
+    micro_batches = [task.prepare(b) for b in micro_batches]
     inputs = [task.model_inputs(b) for b in micro_batches]
     rows = sum(len(x) for x in inputs)
     optimizer.zero_grad(set_to_none=True)

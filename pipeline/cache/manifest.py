@@ -143,7 +143,19 @@ class TapRecord(_Output):
         return self.columns[0]
 
 
-Output = Annotated[Union[FullLogitsRecord, TopkRecord, SampledRecord, SequencesRecord, TapRecord], Field(discriminator="mode")]
+class ViewsRecord(_Output):
+    """A view cache's views: (count, 5) float32 (cx, cy, w, h, flip) per row, view 0 the whole image; the
+    teachers' logits are then (count, classes), one row per view (pipeline/data/views.py applies them)."""
+
+    mode: Literal["views"] = "views"
+    count: int
+    seed: int
+    transforms: list[dict[str, Any]]
+    shape: list[int]
+
+
+Output = Annotated[Union[FullLogitsRecord, TopkRecord, SampledRecord, SequencesRecord, TapRecord, ViewsRecord],
+                   Field(discriminator="mode")]
 LogitsRecord = Union[FullLogitsRecord, TopkRecord, SampledRecord, SequencesRecord]
 
 
@@ -202,7 +214,7 @@ class Manifest(Record):
     def logits(self, teacher: str = PRIMARY_TEACHER) -> LogitsRecord:
         """A teacher's stored logits signal (full, top-k, sampled or sequences)."""
         for out in self.outputs:
-            if not isinstance(out, TapRecord) and out.teacher == teacher:
+            if not isinstance(out, (TapRecord, ViewsRecord)) and out.teacher == teacher:
                 return out
         raise DistillError(f"cache {self.cache_id} stores no logits of teacher {teacher!r}",
                            f"its teachers: {sorted(self.teachers)}")

@@ -9,7 +9,8 @@ KEY_VERSION = 1
 SAMPLE_ID = "sample_id"  # unique and stable across runs
 X = "x"  # the student's input, passthrough from the source (float32 tensor)
 LABEL = "label"  # hard label, int64
-LOGITS = "teacher_logits"  # raw (unsoftened) full logits, float16 or float32
+LOGITS = "teacher_logits"  # raw (unsoftened) full logits, float16 or float32; (R, classes) in a view cache
+VIEWS = "views"  # view caches: (R, 5) float32 (cx, cy, w, h, flip) per view, view 0 the whole image
 SPLIT = "split"  # not stored in the files: shards live under shards/split=<name>/ (hive layout)
 
 MANIFEST = "manifest.json"

@@ -24,7 +24,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_show(args: argparse.Namespace) -> int:
-    from pipeline.cache.manifest import TapRecord, read_manifest
+    from pipeline.cache.manifest import TapRecord, ViewsRecord, read_manifest
     from pipeline.cache.values import describe_nonfinite, nonfinite_values
 
     options = storage_options(args, args.uri, "cache")
@@ -40,7 +40,10 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
     print(f"  dataset  {m.dataset.kind} fingerprint={m.dataset.fingerprint}{tokenizer}")
     for out in m.outputs:
         size = f"{out.bytes_per_row} bytes/row" + (f", {out.bytes_per_token} bytes/token" if getattr(out, "bytes_per_token", None) else "")
-        if isinstance(out, TapRecord):
+        if isinstance(out, ViewsRecord):
+            kinds = ", ".join(t["kind"] for t in out.transforms)
+            what = f"{out.count} views per image (view 0 the whole image, the rest {kinds}, seed {out.seed}) {out.shape}"
+        elif isinstance(out, TapRecord):
             pool = f", pooled to {out.pool}" if out.pool else ""
             what = f"tap {out.name!r} ({out.kind} of {out.teacher} module {out.module!r}{pool}), {out.dtype} {out.shape}"
         else:

@@ -19,6 +19,7 @@ from pipeline.config.precompute import (
     TeacherConfig,
     TeacherSequences,
     TopkLogits,
+    ViewsOutput,
 )
 from pipeline.config.source import (
     DigitsSource,
@@ -35,6 +36,7 @@ __all__ = [
     "PRIMARY_TEACHER", "JobOptions", "ModelSpec", "StorageOptions", "AnyConfig", "apply_overrides", "load_config",
     "load_precompute_config", "load_train_config", "LOGITS_MODES", "FitConfig", "FullLogits", "LogitsOutput",
     "OutputsConfig", "PrecomputeConfig", "SampledLogits", "TapOutput", "TeacherConfig", "TeacherSequences", "TopkLogits",
+    "ViewsOutput",
     "DigitsSource", "MnistSource", "ParquetSource", "Source", "TextSource", "TokenizerConfig", "parse_source", "KNOWN_LOSS_TERMS",
     "LossConfig", "OptimizerConfig", "RkdOptions", "TapMatch", "TrainConfig",
 ]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from pipeline.config.augment import Flip, RandomResizedCrop, Shift
 from pipeline.config.base import NAME_PATTERN, PRIMARY_TEACHER, JobOptions, ModelSpec, StorageOptions, Strict, absolute
 from pipeline.config.source import ParquetSource, Source, TextSource
 
@@ -123,11 +124,24 @@ class TapOutput(Strict):
     teacher: str = PRIMARY_TEACHER  # which teacher of the cache
 
 
+class ViewsOutput(Strict):
+    """A view-consistent image cache (FKD, Shen & Xing 2022): `count` views per image, view 0 the
+    whole image and the others drawn by `transforms` from `seed` and the image's id; the teacher runs
+    on each and its logits are stored per view, so a student replays a view with the teacher's
+    outputs for exactly that view."""
+
+    count: int = Field(4, ge=2, le=64)
+    seed: int = 0
+    transforms: list[Annotated[Union[RandomResizedCrop, Flip, Shift], Field(discriminator="kind")]] = Field(
+        default_factory=lambda: [RandomResizedCrop(), Flip()], min_length=1)
+
+
 class OutputsConfig(Strict):
     """What stage 1 stores per row. Content-defining: part of the cache key."""
 
     logits: LogitsOutput = Field(default_factory=FullLogits)
     taps: list[TapOutput] = Field(default_factory=list)
+    views: ViewsOutput | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +212,9 @@ class PrecomputeConfig(Strict):
             raise ValueError(f"outputs.logits.mode {logits.mode!r} is for token caches: it needs `source.kind: text`")
         if text and (self.teachers or self.outputs.taps):
             raise ValueError("a text cache holds one teacher and no taps: drop `teachers` and `outputs.taps`")
+        if self.outputs.views and (text or self.outputs.taps):
+            raise ValueError("`outputs.views` is for image caches without taps (a tap of the whole image would not "
+                             "match a view): drop `outputs.taps`, or the views")
         if isinstance(logits, TeacherSequences) and isinstance(self.source, TextSource) and logits.prompt_tokens > self.source.seq_len:
             raise ValueError("`outputs.logits.prompt_tokens` must be at most `source.seq_len`")
         return self

@@ -190,7 +190,8 @@ def _roles(manifest: Manifest) -> dict[str, str]:
     """Column -> what it holds, from the manifest's outputs."""
     roles = {X: "student input", LABEL: "hard label", SAMPLE_ID: "sample id", INPUT_IDS: "token ids", LENGTH: "tokens in row"}
     for out in manifest.outputs:
-        what = f"tap {out.name}: {out.kind} of {out.teacher}" if isinstance(out, TapRecord) else f"{out.mode} logits of {out.teacher}"
+        what = (f"tap {out.name}: {out.kind} of {out.teacher}" if isinstance(out, TapRecord)
+                else f"{out.count} views per image" if out.mode == "views" else f"{out.mode} logits of {out.teacher}")
         roles.update({column: what for column in out.columns})
     return roles
 

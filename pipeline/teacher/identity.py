@@ -42,6 +42,8 @@ def outputs_identity(cfg: PrecomputeConfig) -> dict[str, Any]:
     outputs["logits"] = content_fields(outputs["logits"])
     if not outputs["taps"]:
         del outputs["taps"]  # caches made before taps existed keep their ids
+    if outputs.get("views") is None:
+        outputs.pop("views", None)  # and caches without views theirs
     if cfg.teachers:
         outputs["teachers"] = {name: teacher_identity(t, cfg.storage) for name, t in cfg.teachers.items()}
     return outputs

@@ -157,6 +157,7 @@ def _predictor_kwargs(cfg: PrecomputeConfig, target: CacheTarget) -> dict:
         "teachers": {name: t.model_dump(exclude={"fit"}) for name, t in cfg.all_teachers.items()},
         "input_shape": target.source.input_shape,
         "input_scale": target.source.input_scale,
+        "views": cfg.outputs.views.model_dump() if cfg.outputs.views else None,
         "num_classes": target.source.num_classes,
         "taps": [t.model_dump() for t in cfg.outputs.taps],
         "logits_spec": cfg.outputs.logits.model_dump(),
@@ -170,5 +171,6 @@ def teacher_logits_for(cfg: PrecomputeConfig, x: np.ndarray) -> np.ndarray:
     """The teacher's float32 logits on `x` as models read it (decoded, as `load_split` gives it), in this
     process (for checks and tests, not the pipeline)."""
     target = resolve_target(cfg)
-    kwargs = _predictor_kwargs(cfg, target) | {"logits_spec": {"mode": "full", "dtype": "float32"}, "taps": [], "input_scale": 1.0}
+    kwargs = _predictor_kwargs(cfg, target) | {"logits_spec": {"mode": "full", "dtype": "float32"}, "taps": [], "input_scale": 1.0,
+                                               "views": None}  # the whole image
     return TeacherPredictor(**kwargs)({X: x})[LOGITS]

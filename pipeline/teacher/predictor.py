@@ -12,13 +12,15 @@ from pydantic import TypeAdapter
 from pipeline import storage
 from pipeline.cache.inputs import decode_inputs
 from pipeline.cache.packing import index_bits, pack_ids
-from pipeline.cache.schema import (INPUT_IDS, LENGTH, SAMPLE_ID, SAMPLED_INDICES, TEACHER_SEQUENCE, TOPK_INDICES, X, logits_column,
+from pipeline.cache.schema import (INPUT_IDS, LENGTH, SAMPLE_ID, SAMPLED_INDICES, TEACHER_SEQUENCE, TOPK_INDICES, VIEWS, X, logits_column,
                                    tap_column)
-from pipeline.config import FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits
+from pipeline.config import (FullLogits, LogitsOutput, ModelSpec, SampledLogits, TapOutput, TeacherSequences, TopkLogits,
+                             ViewsOutput)
 from pipeline.errors import DistillError
 from pipeline.models.factory import build_model
 from pipeline.models.taps import capture, find_modules
 from pipeline.teacher.encode import encode_full_logits, encode_sampled, encode_tap, encode_topk
+from pipeline.data.views import apply_views, image_views
 from pipeline.teacher.generate import generate
 from pipeline.teacher.chunked import encode_in_chunks, logit_chunks
 
@@ -30,7 +32,8 @@ class TeacherPredictor:
     def __init__(self, teachers: dict[str, dict[str, Any]], input_shape: tuple[int, ...], num_classes: int,
                  logits_dtype: str = "float16", taps: list[dict[str, Any]] | None = None, use_gpu: bool = False,
                  threads: int | None = None, storage_options: storage.StorageOptions | None = None,
-                 logits_spec: dict[str, Any] | None = None, input_scale: float = 1.0) -> None:
+                 logits_spec: dict[str, Any] | None = None, input_scale: float = 1.0,
+                 views: dict[str, Any] | None = None) -> None:
         self.options = storage_options  # this actor may load the weights from S3
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if threads:
@@ -45,6 +48,7 @@ class TeacherPredictor:
         self.spec = TypeAdapter(LogitsOutput).validate_python(logits_spec) if logits_spec else FullLogits(dtype=logits_dtype)
         self.on_gpu = self.device.type == "cuda"
         self.input_scale = input_scale  # x is stored as the source holds it (pipeline/cache/inputs.py)
+        self.views = ViewsOutput.model_validate(views) if views else None
         self.index_bits = index_bits(num_classes)  # ids packed above 4,096 tokens (pipeline/cache/packing.py)
 
     def _build(self, spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
@@ -89,15 +93,21 @@ class TeacherPredictor:
 
     def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.require(decode_inputs(batch[X], self.input_scale), requirements=["C", "W"]))
+        out = dict(batch)
+        if self.views:  # each image seen through its R views, the teacher run on all B x R of them
+            v = self.views
+            views = image_views(list(batch[SAMPLE_ID]), v.count, x.shape[-2], x.shape[-1], v.transforms, v.seed)
+            out[VIEWS] = views.numpy()
+            x = apply_views(x.repeat_interleave(v.count, dim=0), views.reshape(-1, 5))
         if self.on_gpu:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        out = dict(batch)
         for name, model in self.models.items():
             taps = self.taps[name]
             with capture(model, sorted({t.module for t in taps}), owner=f"teacher {name!r}") as captured, \
                     torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
                 logits = model(x)
-            out[logits_column(name)] = encode_full_logits(logits.float(), self.spec.dtype)
+            encoded = encode_full_logits(logits.float(), self.spec.dtype)
+            out[logits_column(name)] = encoded.reshape(len(out[X]), self.views.count, -1) if self.views else encoded
             for tap in taps:
                 out[tap_column(tap.name)] = encode_tap(captured[tap.module], tap.kind, tap.pool, tap.p)
         return out

@@ -18,10 +18,11 @@ from pipeline.cache.manifest import (
     TapRecord,
     TeacherRecord,
     TopkRecord,
+    ViewsRecord,
     write_manifest,
 )
 from pipeline.cache.packing import index_bits
-from pipeline.cache.schema import TOKEN_MODE_COLUMNS, TOKENIZER_FILE, logits_column, tap_column
+from pipeline.cache.schema import TOKEN_MODE_COLUMNS, TOKENIZER_FILE, VIEWS, logits_column, tap_column
 from pipeline.cache.shards import inspect_shard, list_shard_files, split_of_shard
 from pipeline.config import PRIMARY_TEACHER, ModelSpec, PrecomputeConfig, TextSource
 from pipeline.data.sources import SPLITS
@@ -45,10 +46,14 @@ def outputs_records(cfg: PrecomputeConfig, target: CacheTarget, shapes: dict[str
         return [_TOKEN_RECORDS[spec.mode](teacher=PRIMARY_TEACHER, columns=columns, shape=[cfg.source.seq_len, vocab],
                                           bytes_per_row=round(row_bytes, 1),
                                           bytes_per_token=round(row_bytes / cfg.source.seq_len, 2), **fields)]
+    views = cfg.outputs.views
     records: list[Output] = [
-        FullLogitsRecord(teacher=name, columns=[logits_column(name)], dtype=cfg.outputs.logits.dtype, shape=[vocab],
-                         bytes_per_row=per_row.get(logits_column(name)))
+        FullLogitsRecord(teacher=name, columns=[logits_column(name)], dtype=cfg.outputs.logits.dtype,
+                         shape=[views.count, vocab] if views else [vocab], bytes_per_row=per_row.get(logits_column(name)))
         for name in cfg.all_teachers]
+    if views:
+        records.append(ViewsRecord(columns=[VIEWS], count=views.count, seed=views.seed, shape=[views.count, 5],
+                                   transforms=[t.model_dump() for t in views.transforms], bytes_per_row=per_row.get(VIEWS)))
     records += [TapRecord(columns=[tap_column(t.name)], shape=shapes.get(tap_column(t.name), []),
                           bytes_per_row=per_row.get(tap_column(t.name)), **t.model_dump()) for t in cfg.outputs.taps]
     return records

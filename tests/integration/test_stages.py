@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.cache.manifest import read_manifest
-from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, X
+from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, VIEWS, X
 from pipeline.cache.tensors import to_numpy
 from pipeline.cache.verify import list_shard_files, verify_cache
 from pipeline.cli import main
@@ -204,3 +204,29 @@ def load_digits_uint8():
     from sklearn.datasets import load_digits
 
     return load_digits()
+
+
+def test_a_view_cache_through_ray_data_and_a_student_replaying_it(digits_stage1, tmp_path):
+    """Stage 1 with `outputs.views`: one Ray Data pass, R logits per image; then a student's loop
+    (in-process, the worker's code) replays the stored views."""
+    from pipeline.config import load_precompute_config
+    from pipeline.teacher.precompute import run_precompute, teacher_logits_for
+    from tests.unit.test_golden_loss import run
+
+    views = {"count": 3, "seed": 0, "transforms": [{"kind": "random_resized_crop", "scale": [0.5, 1.0]}, {"kind": "flip"}]}
+    cfg = load_precompute_config(digits_stage1["config_path"], [f"outputs.views={views}", f"cache_root={tmp_path}/cache"])
+    result = run_precompute(cfg)
+    m, tables = _read_cache(result.uri)
+    assert result.uri != resolve_target(digits_stage1["config"]).uri and verify_cache(result.uri) == []
+    record = next(o for o in m.outputs if o.mode == "views")
+    assert record.count == 3 and m.logits().shape == [3, 10] and column(tables["val"], LOGITS).shape == (359, 3, 10)
+    stored = column(tables["val"], VIEWS)
+    assert stored.shape == (359, 3, 5) and (stored[:, 0] == [0.5, 0.5, 1.0, 1.0, 0.0]).all()
+    x = column(tables["val"], X).astype(np.float32) / 16  # view 0's logits are the whole image's
+    np.testing.assert_allclose(column(tables["val"], LOGITS)[:, 0].astype(np.float32), teacher_logits_for(cfg, x),
+                               rtol=2e-3, atol=2e-3)
+    (tmp_path / "ckpt").mkdir()
+    reports = run(result.uri, tmp_path / "ckpt", max_steps=120, grad_accum_steps=1, shuffle_shards=0, eval_every=60,
+                  checkpoint_every=120, optimizer={"name": "adam", "lr": 0.01})
+    assert [r["step"] for r in reports] == [60, 120] and all(np.isfinite(r["train_loss"]) for r in reports)
+    assert reports[-1]["val_agreement"] > 0.7 and reports[-1]["val_accuracy"] > 0.7  # against view 0, the whole image

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from pipeline.config import TrainConfig
 from pipeline.config.augment import CutMix, Flip, Mixup, RandomResizedCrop, Shift
-from pipeline.student.augment import apply_views, augment, draw_views, identity_views, mix
+from pipeline.data.views import apply_views, draw_views, identity_views
+from pipeline.student.augment import augment, mix
 from pipeline.student.losses.classification import MIX_LAM, MIX_PERM, DistillationLoss
 from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 from tests.unit.test_golden_loss import _gap, digits_cache, run

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.cache.manifest import DatasetRecord, FullLogitsRecord, Manifest, SplitRecord, TeacherRecord
-from pipeline.cache.schema import LABEL, LOGITS, PRIMARY_TEACHER, X
+from pipeline.cache.schema import LABEL, LOGITS, PRIMARY_TEACHER, VIEWS, X
+from pipeline.data.views import apply_views
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models.factory import output_width
@@ -36,6 +37,8 @@ class ClassificationTask(Task):
         # x as the cache stores it (uint8 pixels travel 4x smaller through Ray Data), decoded on the worker.
         self.stored_uint8 = manifest.dataset.input_dtype == "uint8"
         self.input_scale = manifest.dataset.input_scale
+        # A view cache: per image, R views and the teachers' logits for each (one replayed per step).
+        self.views = VIEWS in manifest.columns
 
     @classmethod
     def in_memory(cls, cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> "ClassificationTask":
@@ -53,6 +56,11 @@ class ClassificationTask(Task):
     def check(self) -> None:
         manifest, spec = self.manifest, self.cfg.student
         spatial = [t.kind for t in self.cfg.augment if t.kind != "mixup"]
+        geometric = [k for k in spatial if k != "cutmix"]
+        if self.views and geometric:
+            raise DistillError(f"cache {manifest.cache_id} stores views with the teacher's outputs for each; `augment` "
+                               f"{geometric} would change them after the teacher saw them", "keep only mixup or cutmix "
+                               "in `augment` (a view cache replays its own crops and flips)")
         if spatial and len(manifest.input_shape) != 3:
             raise DistillError(f"`augment` {spatial} needs image inputs (channels, height, width); cache "
                                f"{manifest.cache_id}'s are {manifest.input_shape}", "keep only mixup, or set "
@@ -76,6 +84,8 @@ class ClassificationTask(Task):
         cols = [X, LABEL, LOGITS, *i.logits, *(c for _, c in i.hint), *(a[1] for a in i.attention)]
         if i.rkd:
             cols.append(i.rkd[1])
+        if self.views:
+            cols.append(VIEWS)
         return list(dict.fromkeys(cols))
 
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -89,6 +99,8 @@ class ClassificationTask(Task):
         return decode(batch[X], self.input_scale)
 
     def prepare(self, batch: Batch) -> Batch:
+        if self.views:
+            batch = replay_view(batch, decode(batch[X], self.input_scale), self._view_columns())
         if not self.cfg.augment:
             return batch
         x, mix = augment(decode(batch[X], self.input_scale), self.cfg.augment)
@@ -107,7 +119,25 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], reduce: Reduce = alone) -> dict[str, Any]:
         """Accuracy, top-1 agreement with the teacher, mean KL(p_teacher(T) || p_student(T)), and the
         calibration bins of student and teacher (see calibration_sums)."""
+        if self.views:  # the whole image (view 0) and the teachers' logits for it
+            columns = self._view_columns()
+            batches = ({**b, **{c: b[c][:, 0] for c in columns if c in b}} for b in batches)
         return evaluate(model, batches, self.cfg.loss.temperature, reduce=reduce, input_scale=self.input_scale)
+
+    def _view_columns(self) -> list[str]:
+        """The columns with one entry per view: every teacher's logits."""
+        return [c for c in self.columns() if c not in (X, LABEL, VIEWS)]
+
+
+def replay_view(batch: Batch, x: torch.Tensor, per_view: list[str]) -> dict[str, torch.Tensor]:
+    """One of each image's stored views, drawn from torch's generator (seeded per step): the image seen
+    through it, and the teachers' logits for exactly that view."""
+    views = batch[VIEWS]
+    pick = torch.randint(views.shape[1], (len(x),), device=views.device)
+    rows = torch.arange(len(x), device=views.device)
+    out = {**batch, X: apply_views(x, views[rows, pick])}
+    out.update({c: batch[c][rows, pick] for c in per_view if c in batch})
+    return out
 
 
 def decode(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -59,6 +59,10 @@ class BundledImages:
 
     streams = False
 
+    @property
+    def input_scale(self) -> float:
+        return _SCALES[self.cfg.kind]
+
     def __init__(self, cfg: DigitsSource | MnistSource, options: object = None) -> None:  # bundled: no storage
         self.cfg = cfg
 
@@ -67,7 +71,7 @@ class BundledImages:
         parts = permutation_split(len(y), self.cfg.val_fraction, self.cfg.split_seed)
         return SourceInfo(kind=self.cfg.kind, fingerprint=_digest(x, y), num_classes=int(y.max()) + 1,
                           input_shape=tuple(x.shape[1:]), rows={s: len(parts[s]) for s in SPLITS}, input_dtype="uint8",
-                          input_scale=_SCALES[self.cfg.kind], bytes=_shipped_bytes(self.cfg.kind))
+                          input_scale=self.input_scale, bytes=_shipped_bytes(self.cfg.kind))
 
     def load_split(self, split: str) -> dict[str, np.ndarray]:
         x, y = _arrays(self.cfg.kind)

@@ -30,6 +30,7 @@ class ParquetTable:
     """Streamed by stage 1 (`standardize` per batch); read whole only where it fits (fit-teacher, tests)."""
 
     streams = True
+    input_scale = 1.0  # a table's values are read as they are (uint8 stays uint8 in the cache)
 
     def __init__(self, cfg: ParquetSource, options: Options = None) -> None:
         self.cfg = cfg

@@ -37,6 +37,7 @@ class RowSource(Protocol):
     through Ray Data with `standardize`; the others build each split in memory with `load_split`."""
 
     streams: bool
+    input_scale: float  # a model reads float32(x) * input_scale (known without describing the source)
 
     def describe(self) -> SourceInfo:
         """Fingerprint, class count, shape and split sizes, without materialising a streamed source."""
@@ -81,5 +82,5 @@ def load_split(cfg: Source, split: str, options: storage.Options = None) -> dict
     source = open_source(cfg, options)
     rows = source.load_split(split)
     if X in rows and rows[X].dtype != np.float32:
-        rows[X] = decode_inputs(rows[X], source.describe().input_scale)
+        rows[X] = decode_inputs(rows[X], source.input_scale)
     return rows

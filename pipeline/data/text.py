@@ -31,6 +31,7 @@ class TextWindows:
     """Held in memory: a text source is a few hundred MB at most on one node."""
 
     streams = False
+    input_scale = 1.0  # token ids, not inputs to scale
 
     def __init__(self, cfg: TextSource, options: storage.Options = None) -> None:
         self.cfg = cfg

@@ -57,7 +57,7 @@ def _rows(source: str, split: str | None, manifest: Manifest, task: Task, cache:
         split = split or "val"
         source_of = open_source(_with_tokenizer(pre.source, cache), pre.storage)
         columns = _concat([source_of.load_split(s) for s in _splits(split)])
-        scale = source_of.describe().input_scale if X in columns else 1.0
+        scale = source_of.input_scale
         kind = "config"
     elif storage.exists(manifest_uri(source), options):
         split = split or "val"

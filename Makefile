@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage bench-lossmem bench-vocab gpu-check cluster-up cluster-down clean
+.PHONY: install demo methods test test-unit test-e2e bench bench-scale bench-screen bench-resume bench-topk bench-sweep bench-storage bench-lossmem bench-vocab bench-views bench-deit gpu-check cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ bench-lossmem: $(STAMP)
 
 bench-vocab: $(STAMP)
 	$(BIN)/python -m jobs.benchmarks.vocab $(ARGS)
+
+bench-views: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.views $(ARGS)
+
+bench-deit: $(STAMP)
+	$(BIN)/python -m jobs.benchmarks.deit $(ARGS)
 
 # On a GPU machine: its own python3 with torch, no .venv; WHEELS= a folder the other packages were
 # installed into (deploy/gpu/wheels.sh fetches them here).

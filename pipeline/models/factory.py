@@ -14,6 +14,7 @@ from torch import nn
 from pipeline import storage
 from pipeline.config import ModelSpec
 from pipeline.errors import DistillError
+from pipeline.models.vit import DISTILL_LOGITS
 
 # Factories built and weights loaded in this process, in order. Train workers report them, so a
 # test can check inside the worker that no teacher was ever constructed there.
@@ -78,6 +79,17 @@ def output_width(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         out = model(torch.zeros(1, *input_shape))
     model.train(was_training)
     return int(out.shape[-1])
+
+
+def distillation_head(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether the model trains a second head on the teacher (DeiT's distillation token), by one
+    training-mode forward pass on zeros (such a model shows both heads only when training)."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        out = model(torch.zeros(2, *input_shape))
+    model.train(was_training)
+    return isinstance(out, dict) and DISTILL_LOGITS in out
 
 
 def save_state(model: nn.Module, uri: str, options: storage.Options = None) -> None:

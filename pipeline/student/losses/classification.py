@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pipeline.cache.schema import LABEL, LOGITS
 from pipeline.models.taps import attention_map, embedding
+from pipeline.models.vit import DISTILL_LOGITS
 from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 
 
@@ -150,7 +151,9 @@ class DistillationLoss:
     """sum_i w_i * term_i. With terms {kd: alpha, ce: 1 - alpha}: alpha*T^2*KL + (1-alpha)*CE.
 
     The student's output is its logits, or a dict with "logits", "features" (student module ->
-    activation) and "hints" (tap column -> adapter output) when feature terms are in use.
+    activation) and "hints" (tap column -> adapter output) when feature terms are in use. A student
+    with DeiT's distillation token adds "distill_logits": `kd` and `deit_hard` read that head, `ce`
+    the class head.
     """
 
     def __init__(self, terms: Mapping[str, float], temperature: float, inputs: LossInputs | None = None) -> None:
@@ -187,14 +190,15 @@ class DistillationLoss:
         logits: torch.Tensor = out["logits"]  # type: ignore[assignment]
         features: Mapping[str, torch.Tensor] = out.get("features", {})  # type: ignore[assignment]
         hints: Mapping[str, torch.Tensor] = out.get("hints", {})  # type: ignore[assignment]
+        distill: torch.Tensor = out.get(DISTILL_LOGITS, logits)  # type: ignore[assignment]
         parts: dict[str, torch.Tensor] = {}
         for name in self.terms:
             if name == "kd":
-                parts[name] = self._kd(logits, batch)
+                parts[name] = self._kd(distill, batch)
             elif name == "ce":
                 parts[name] = mixed_ce(logits, batch[LABEL], batch)
             elif name == "deit_hard":
-                parts[name] = self._deit_hard(logits, batch)
+                parts[name] = self._deit_hard(distill, batch)
             elif name == "hint":
                 parts[name] = sum(hint_loss(hints[c], batch[c]) for _, c in self.inputs.hint) / len(self.inputs.hint)  # type: ignore[assignment]
             elif name == "attention":

@@ -15,7 +15,7 @@ from pipeline.cache.schema import LABEL, LOGITS, PRIMARY_TEACHER, VIEWS, X
 from pipeline.data.views import apply_views
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
-from pipeline.models.factory import output_width
+from pipeline.models.factory import distillation_head, output_width
 from pipeline.student.losses.divergence import kl_divergence, softened_log_probs
 from pipeline.student.augment import augment
 from pipeline.student.losses.classification import MIX_LAM, MIX_PERM, DistillationLoss
@@ -69,14 +69,19 @@ class ClassificationTask(Task):
         if missing:
             raise DistillError(f"the loss needs cache column(s) {missing}, which cache {manifest.cache_id} lacks",
                                "drop the term or precompute a cache with that output")
+        net = self.build_model().net
         try:
-            width = output_width(self.build_model().net, tuple(manifest.input_shape))
+            width = output_width(net, tuple(manifest.input_shape))
         except RuntimeError as e:
             raise DistillError(f"student {spec.factory} cannot take the cache's inputs of shape {manifest.input_shape}: "
                                f"{str(e).splitlines()[0]}", "fix the student's kwargs") from None
         if width != manifest.num_classes:
             raise DistillError(f"student {spec.factory} predicts {width} classes, the cache has {manifest.num_classes}",
                                f"build the student with num_classes={manifest.num_classes} (or train on a matching cache)")
+        if distillation_head(net, tuple(manifest.input_shape)) and not {"kd", "deit_hard"} & set(self.loss.terms):
+            raise DistillError(f"student {spec.factory} has a distillation token, but the loss has no teacher term "
+                               f"to train its head ({sorted(self.loss.terms)}), and predictions average both heads",
+                               "add `kd` or `deit_hard` to `loss.terms`, or build the student with `distillation_token: false`")
 
     def columns(self) -> list[str]:
         """Inputs, label, the primary teacher's logits (for evaluation) and what the terms use."""

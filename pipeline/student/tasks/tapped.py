@@ -66,7 +66,8 @@ class TappedStudent(nn.Module):
             return logits
         features = dict(self._found)
         hints = {col: ad(features[self.adapter_source[col]]) for col, ad in self.adapters.items()}
-        return {"logits": logits, "features": features, "hints": hints}
+        heads = dict(logits) if isinstance(logits, dict) else {"logits": logits}  # e.g. DeiT's two heads
+        return {**heads, "features": features, "hints": hints}
 
 
 def _tap(manifest: Manifest, tap: str, term: str) -> TapRecord:

@@ -27,14 +27,12 @@ import numpy as np
 import torch
 
 from jobs.benchmarks.common import Target, machine, machine_line, missed, targets, write_report
-from jobs.benchmarks.views import PRECOMPUTE, batches_of, spread, teacher_logits
+from jobs.benchmarks.views import batches_of, demo_teacher, spread, teacher_logits
 from pipeline.cache.schema import LABEL, LOGITS, X
-from pipeline.config import TrainConfig, load_precompute_config
+from pipeline.config import TrainConfig
 from pipeline.data.sources import load_split
-from pipeline.models.factory import build_model
 from pipeline.student.tasks.classification import ClassificationTask
 from pipeline.student.train.step import make_optimizer, train_epoch
-from pipeline.teacher.fit import fit_teacher
 
 VIT = "pipeline.models.vit:vit_student"
 ARMS = {
@@ -82,16 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    work = os.path.join(args.out, "views")  # the teacher `make bench-views` fits, shared
-    os.makedirs(work, exist_ok=True)
-    pre = load_precompute_config(PRECOMPUTE)
-    weights = os.path.abspath(os.path.join(work, f"teacher-e{args.teacher_epochs}.pt"))
-    pre = pre.model_copy(update={"teacher": pre.teacher.model_copy(update={
-        "weights": weights, "fit": pre.teacher.fit.model_copy(update={"epochs": args.teacher_epochs})})})
-    if not os.path.exists(weights):
-        print(f"fitting the MNIST teacher ({args.teacher_epochs} epochs) ...", flush=True)
-        fit_teacher(pre)
-    teacher = build_model(pre.teacher, input_shape=(1, 28, 28), num_classes=10).eval()
+    pre, teacher = demo_teacher(os.path.join(args.out, "views"), args.teacher_epochs)  # the teacher bench-views fits
     train, val = (load_split(pre.source, s) for s in ("train", "val"))
     x = torch.from_numpy(train[X])
     data = {X: x, LABEL: torch.from_numpy(train[LABEL]), LOGITS: teacher_logits(teacher, x).float()}

@@ -148,6 +148,19 @@ def _view_cache(work: str) -> str:
     raise SystemExit(f"no view cache under {work}/cache after distill precompute")
 
 
+def demo_teacher(work: str, epochs: int) -> tuple[PrecomputeConfig, torch.nn.Module]:
+    """The view config with the demo's CNN teacher fitted for `epochs` under `work` (reused when there), and the teacher."""
+    os.makedirs(work, exist_ok=True)
+    pre = load_precompute_config(PRECOMPUTE)
+    weights = os.path.abspath(os.path.join(work, f"teacher-e{epochs}.pt"))
+    pre = pre.model_copy(update={"teacher": pre.teacher.model_copy(update={
+        "weights": weights, "fit": pre.teacher.fit.model_copy(update={"epochs": epochs})})})
+    if not os.path.exists(weights):
+        print(f"fitting the MNIST teacher ({epochs} epochs) ...", flush=True)
+        fit_teacher(pre)
+    return pre, build_model(pre.teacher, input_shape=(1, 28, 28), num_classes=10).eval()
+
+
 def spread(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
     t95 = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(a), 2.0)
@@ -183,15 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per student, as a 1-CPU Ray Train worker runs
     work = os.path.join(args.out, "views")
-    os.makedirs(work, exist_ok=True)
-    pre = load_precompute_config(PRECOMPUTE)
-    weights = os.path.abspath(os.path.join(work, f"teacher-e{args.teacher_epochs}.pt"))
-    pre = pre.model_copy(update={"teacher": pre.teacher.model_copy(update={
-        "weights": weights, "fit": pre.teacher.fit.model_copy(update={"epochs": args.teacher_epochs})})})
-    if not os.path.exists(weights):
-        print(f"fitting the MNIST teacher ({args.teacher_epochs} epochs) ...", flush=True)
-        fit_teacher(pre)
-    teacher = build_model(pre.teacher, input_shape=(1, 28, 28), num_classes=10).eval()
+    pre, teacher = demo_teacher(work, args.teacher_epochs)
+    weights = pre.teacher.weights
     views_cfg = pre.outputs.views
     transforms = [t.model_dump() for t in views_cfg.transforms]
     r = views_cfg.count

@@ -4,8 +4,10 @@ report files, and the MNIST KD workload that `stages` and `sweep` both time, so 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -86,6 +88,34 @@ def missed(values: Mapping[str, float | None], table: Mapping[str, Target]) -> l
         if value is not None and not t.met(value):
             out.append(f"{name} = {value:.3f}, target {t.op} {t.threshold:g}")
     return out
+
+
+def interval(x: np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high) of a 95% t-interval over seeds."""
+    from scipy import stats
+
+    m = float(np.mean(x))
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def target_records(values: Mapping[str, float], table: Mapping[str, Target]) -> dict[str, dict[str, Any]]:
+    """A report's `targets` field: each target's kind, threshold and whether its value met it."""
+    return {name: {"kind": t.kind, "threshold": t.threshold, "met": t.met(values[name])} for name, t in table.items()}
+
+
+def finish(out_dir: str, name: str, report: dict[str, Any], markdown: str, values: Mapping[str, float],
+           table: Mapping[str, Target]) -> int:
+    """Write the report pair, print its Markdown and every missed target; the harness's exit code (1 on a miss)."""
+    json_path, md_path = write_report(out_dir, name, report, markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
+    misses = missed(values, table)
+    for line in misses:
+        print(f"target missed: {line}", file=sys.stderr)
+    return 1 if misses else 0
 
 
 def targets(*items: Target) -> dict[str, Target]:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.benchmarks.common import Target, machine, machine_line, missed, targets, write_report
+from jobs.benchmarks.common import Target, finish, machine, machine_line, target_records, targets
 from jobs.benchmarks.views import batches_of, demo_teacher, spread, teacher_logits
 from pipeline.cache.schema import LABEL, LOGITS, X
 from pipeline.config import TrainConfig
@@ -99,15 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "epochs": args.epochs, "seeds": list(range(args.seeds)), "student": VIT,
               "teacher_val_accuracy": float((val_batch[LOGITS].argmax(1) == val_batch[LABEL]).float().mean()),
               "rows": rows, "summary": {"arms": arms, "targets": values},
-              "targets": {n: {"kind": t.kind, "threshold": t.threshold, "met": t.met(values[n])} for n, t in TARGETS.items()},
+              "targets": target_records(values, TARGETS),
               "command": "make bench-deit"}
-    json_path, md_path = write_report(args.out, "deit", report, markdown(report))
-    print(markdown(report))
-    print(f"wrote {json_path} and {md_path}")
-    misses = missed(values, TARGETS)
-    for line in misses:
-        print(f"target missed: {line}", file=sys.stderr)
-    return 1 if misses else 0
+    return finish(args.out, "deit", report, markdown(report), values, TARGETS)
 
 
 if __name__ == "__main__":

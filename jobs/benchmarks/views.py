@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from jobs.benchmarks.common import Target, machine, machine_line, missed, targets, write_report
+from jobs.benchmarks.common import Target, finish, interval, machine, machine_line, target_records, targets
 from pipeline.cache.manifest import read_manifest
 from pipeline.cache.schema import LABEL, LOGITS, SAMPLE_ID, VIEWS, X
 from pipeline.cache.tensors import table_to_numpy
@@ -118,7 +118,7 @@ def train_arm(task: ClassificationTask, batches: Batches, val: dict[str, torch.T
     return {"val_accuracy": plain.evaluate(model, [val])["val_accuracy"], "wall_s": wall}
 
 
-def real_cache(pre: PrecomputeConfig, work: str, weights: str) -> dict[str, Any]:
+def real_cache(work: str, weights: str) -> dict[str, Any]:
     """`distill precompute` of the view config as a user runs it: the manifest, the stored views and logits, the wall."""
     started = time.perf_counter()
     cmd = [os.path.join(os.path.dirname(sys.executable), "distill"), "precompute", PRECOMPUTE, "--set", f"teacher.weights={weights}",
@@ -162,10 +162,10 @@ def demo_teacher(work: str, epochs: int) -> tuple[PrecomputeConfig, torch.nn.Mod
 
 
 def spread(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and the 95% t-interval's half-width over seeds."""
     a = np.asarray(values, dtype=float)
-    t95 = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(a), 2.0)
-    half = t95 * a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else float("nan")
-    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "ci95_half": float(half)}
+    mean, _, high = interval(a)
+    return {"mean": mean, "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "ci95_half": high - mean}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = [str(i) for i in train[SAMPLE_ID]]
 
     print(f"stage 1 (distill precompute, R = {r}) ...", flush=True)
-    cache = real_cache(pre, work, weights)
+    cache = real_cache(work, weights)
     m = cache["manifest"]
     started = time.perf_counter()
     views = image_views(ids, r, 28, 28, list(views_cfg.transforms), views_cfg.seed)
@@ -262,16 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_pass_s": teacher_pass_s, "curve": curve,
         "summary": {"arms": arms, "cost_8_views_s": cost_views, "cost_8_online_s": cost_online,
                     "cost_8_views_over_8_online": values["cost_8_views_over_8_online"], "targets": values},
-        "targets": {name: {"kind": t.kind, "threshold": t.threshold, "met": t.met(values[name])} for name, t in TARGETS.items()},
+        "targets": target_records(values, TARGETS),
         "command": "make bench-views",
     }
-    json_path, md_path = write_report(args.out, "views", report, markdown(report))
-    print(markdown(report))
-    print(f"wrote {json_path} and {md_path}")
-    misses = missed(values, TARGETS)
-    for line in misses:
-        print(f"target missed: {line}", file=sys.stderr)
-    return 1 if misses else 0
+    return finish(args.out, "views", report, markdown(report), values, TARGETS)
 
 
 if __name__ == "__main__":

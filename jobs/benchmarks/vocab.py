@@ -64,7 +64,7 @@ from pipeline.student.train.step import make_optimizer, train_step
 from pipeline.teacher.precompute import run_precompute
 
 from jobs.benchmarks import screen
-from jobs.benchmarks.common import Target, machine, write_report
+from jobs.benchmarks.common import Target, interval, machine, write_report
 from jobs.benchmarks.textteacher import TEACHER, teacher_config, text_source
 
 STUDENT = {"factory": "pipeline.models.lm:lm_small"}
@@ -155,17 +155,6 @@ def perplexity(task: TokenTask, model: torch.nn.Module, rows: dict[str, np.ndarr
     batches = ({c: torch.from_numpy(rows[c][i:i + n].astype(np.int64)) for c in (INPUT_IDS, LENGTH)}
                for i in range(0, len(rows[INPUT_IDS]), n))
     return float(task.evaluate(model, batches)["val_perplexity"])
-
-
-def interval(x: np.ndarray) -> tuple[float, float, float]:
-    """(mean, low, high) of a 95% t-interval over seeds."""
-    from scipy import stats
-
-    m = float(np.mean(x))
-    if len(x) < 2:
-        return m, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x)))
-    return m, m - half, m + half
 
 
 def choose_other(teacher: torch.nn.Module, selection: dict[str, np.ndarray], positions: int) -> tuple[str, dict, str, list[dict]]:
